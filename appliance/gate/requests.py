@@ -1,0 +1,38 @@
+"""Request id and in-flight accounting for every request that reaches the worker."""
+
+from __future__ import annotations
+
+import uuid
+from contextvars import ContextVar
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from appliance.gate.responses import header
+from appliance.gate.stats import WorkerStats
+
+#: The id of the request being served, for log records (nginx's X-Request-ID when present).
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+
+class RequestContext:
+    """Takes nginx's X-Request-ID (or makes one) and counts requests in flight."""
+
+    def __init__(self, app: ASGIApp, stats: WorkerStats) -> None:
+        self.app = app
+        self.stats = stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = header(scope["headers"], b"x-request-id")
+        value = rid.decode("latin-1")[:128] if rid else uuid.uuid4().hex
+        token = request_id.set(value)
+        scope.setdefault("state", {})["request_id"] = value
+        self.stats.requests += 1
+        self.stats.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.stats.in_flight -= 1
+            request_id.reset(token)

@@ -1,0 +1,35 @@
+"""Per-process counters that the worker's health probe reports."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorkerStats:
+    """What this worker has done since it started; mutated only on the event loop."""
+
+    index: int
+    pid: int = field(default_factory=os.getpid)
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    in_flight: int = 0
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    #: While draining, the probe says so and nginx-facing health treats the worker as not ready.
+    draining: bool = False
+
+    def snapshot(self) -> dict[str, object]:
+        """The probe's JSON body."""
+        return {
+            "status": "draining" if self.draining else "ok",
+            "worker": self.index,
+            "pid": self.pid,
+            "uptime": round(time.time() - self.started, 3),
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "sessions_opened": self.sessions_opened,
+            "sessions_open": self.sessions_opened - self.sessions_closed,
+        }

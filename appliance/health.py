@@ -1,0 +1,99 @@
+"""Aggregated health: supervisord's view of every program plus each worker's own probe."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import httpx2
+
+from appliance.config import Settings
+from appliance.gate.probe import PROBE_PATH
+from appliance.supervisor import ProcessInfo, SupervisorClient, SupervisorUnavailable
+
+Overall = Literal["ok", "degraded", "down"]
+WORKER_GROUP = "mcp"
+
+
+def worker_process_name(index: int) -> str:
+    """supervisord's name for worker `index` (matches process_name in supervisord.conf)."""
+    return f"{WORKER_GROUP}:worker-{index:02d}"
+
+
+@dataclass
+class HealthChecker:
+    """Asks supervisord and the workers; remembers whether the appliance was ever ready."""
+
+    settings: Settings
+    supervisor: SupervisorClient
+    client: httpx2.AsyncClient = field(default_factory=lambda: httpx2.AsyncClient(trust_env=False))
+    started: float = field(default_factory=time.time)
+    ever_ready: bool = False
+
+    async def probe_worker(self, index: int) -> dict[str, Any]:
+        """One worker's probe answer, or why there is none."""
+        url = f"http://{self.settings.workers.host}:{self.settings.worker_port(index)}{PROBE_PATH}"
+        try:
+            response = await self.client.get(url, timeout=self.settings.health.probe_timeout)
+        except httpx2.HTTPError as exc:
+            return {"worker": index, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        body = response.json() if response.headers.get("content-type") == "application/json" else {}
+        return {"worker": index, "ok": response.status_code == 200, **body}
+
+    async def probe_workers(self) -> list[dict[str, Any]]:
+        """Every worker's probe, concurrently."""
+        return list(await asyncio.gather(*(self.probe_worker(k) for k in range(self.settings.workers.count))))
+
+    async def programs(self) -> tuple[list[ProcessInfo], str | None]:
+        """supervisord's process list (empty with an error message when it does not answer)."""
+        try:
+            return await anyio.to_thread.run_sync(self.supervisor.processes), None
+        except SupervisorUnavailable as exc:
+            return [], str(exc)
+
+    async def ready(self) -> tuple[bool, list[dict[str, Any]]]:
+        """Ready when at least health.min_ready_workers answer their probe."""
+        probes = await self.probe_workers()
+        ok = sum(1 for p in probes if p["ok"]) >= self.settings.health.min_ready_workers
+        if ok:
+            self.ever_ready = True
+        return ok, probes
+
+    async def report(self) -> tuple[Overall, dict[str, Any]]:
+        """The /health document and its overall status."""
+        (programs, sup_error), (is_ready, probes) = await asyncio.gather(self.programs(), self.ready())
+        serving = sum(1 for p in probes if p["ok"])
+        by_name = {p.name: p for p in programs}
+        nginx = by_name.get("nginx")
+        status: Overall
+        if serving == 0 or (nginx is not None and nginx.state != "RUNNING"):
+            status = "down"
+        elif (
+            sup_error
+            or serving < self.settings.workers.count
+            or any(p.state != "RUNNING" for p in programs)
+            or not is_ready
+        ):
+            status = "degraded"
+        else:
+            status = "ok"
+        s = self.settings
+        doc: dict[str, Any] = {
+            "status": status,
+            "service": s.service_name,
+            "version": s.version,
+            "environment": s.environment,
+            "node": s.node.ordinal,
+            "uptime": round(time.time() - self.started, 3),
+            "workers": {"configured": s.workers.count, "serving": serving, "min_ready": s.health.min_ready_workers},
+            "programs": {
+                p.name: {"state": p.state, "pid": p.pid, "uptime": round(p.uptime, 1)} for p in programs
+            },
+            "probes": probes,
+        }
+        if sup_error:
+            doc["supervisor_error"] = sup_error
+        return status, doc

@@ -1,0 +1,48 @@
+"""JSON logs on stderr for every appliance process; supervisord captures and rotates them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pythonjsonlogger.json import JsonFormatter
+
+from appliance.config import Settings
+
+
+class _ContextFilter(logging.Filter):
+    """Stamps every record with the service, process and request it belongs to."""
+
+    def __init__(self, service: str, process_name: str, worker: int | None) -> None:
+        super().__init__()
+        self.service = service
+        self.process_name = process_name
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from appliance.gate.requests import request_id
+
+        record.service = self.service
+        record.proc = self.process_name
+        record.worker = self.worker
+        record.request_id = getattr(record, "request_id", None) or request_id.get()
+        return True
+
+
+def configure_logging(settings: Settings, process_name: str, worker: int | None = None) -> None:
+    """Route all logging to stderr as one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter(
+            "{asctime}{levelname}{name}{message}{service}{proc}{worker}{request_id}",
+            style="{",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "proc": "process"},
+            timestamp=False,
+        )
+    )
+    handler.addFilter(_ContextFilter(settings.service_name, process_name, worker))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    # hypercorn's access log duplicates nginx's; its error log is kept.
+    logging.getLogger("hypercorn.access").disabled = True

@@ -1,0 +1,85 @@
+"""Checks that `run` makes before anything starts, so a mistake fails fast and clearly."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from appliance.config import ConfigError, Settings
+
+
+def listen_claims(settings: Settings) -> list[tuple[str, str, int]]:
+    """(key, host, port) of every listener the appliance opens."""
+    claims = [("http.port", settings.http.host, settings.http.port), ("admin.port", settings.admin.host, settings.admin.port)]
+    claims += [
+        (f"workers.base_port (worker {k})", settings.workers.host, settings.worker_port(k))
+        for k in range(settings.workers.count)
+    ]
+    return claims
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Every port the appliance will bind is free now."""
+    for key, host, port in listen_claims(settings):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"port clash: '{key}' = {port} is already in use on {host}") from None
+                if exc.errno == errno.EACCES:
+                    raise ConfigError(
+                        f"'{key}' = {port}: permission denied binding {host}:{port} "
+                        "(ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                    ) from None
+                raise ConfigError(f"'{key}' = {port}: cannot bind {host}:{port}: {exc.strerror}") from None
+
+
+def find_nginx() -> str:
+    """The nginx binary, or a ConfigError that says how to get one."""
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    if not found:
+        raise ConfigError("nginx not found on PATH or at /usr/sbin/nginx (Debian: apt-get install nginx-light)")
+    return found
+
+
+def find_supervisord() -> str:
+    """supervisord from this package's environment."""
+    beside = Path(sys.executable).parent / "supervisord"
+    found = str(beside) if beside.exists() else shutil.which("supervisord")
+    if not found:
+        raise ConfigError("supervisord not found beside this Python or on PATH (pip install supervisor)")
+    return found
+
+
+def prepare_dirs(settings: Settings, as_root: bool) -> None:
+    """Create the run, log and data directories; hand them to the service user when root."""
+    owner = None
+    if as_root:
+        try:
+            owner = pwd.getpwnam(settings.user)
+        except KeyError:
+            raise ConfigError(
+                f"'user' = {settings.user!r}: no such system user (create it, e.g. "
+                f"useradd --system {settings.user}, or set user in appliance.toml)"
+            ) from None
+    for key, path in (("run_dir", settings.run_dir), ("log_dir", settings.log_dir), ("data_dir", settings.data_dir)):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if owner:
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        except OSError as exc:
+            raise ConfigError(f"'{key}' = '{path}': cannot create or own it: {exc.strerror}") from None
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"'{key}' = '{path}': not writable by this user")
+    nginx_dir = settings.run_dir / "nginx"
+    nginx_dir.mkdir(exist_ok=True)
+    if owner:
+        os.chown(nginx_dir, owner.pw_uid, owner.pw_gid)

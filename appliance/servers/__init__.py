@@ -1,0 +1,1 @@
+"""Built-in MCP servers hosted by the appliance."""

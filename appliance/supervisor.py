@@ -1,0 +1,86 @@
+"""A small client for supervisord's XML-RPC interface over its unix socket."""
+
+from __future__ import annotations
+
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
+
+
+class SupervisorUnavailable(Exception):
+    """supervisord does not answer on its socket."""
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One supervised process as supervisord sees it."""
+
+    name: str  # "group:name" for grouped processes, else the program name
+    group: str
+    state: str
+    pid: int
+    uptime: float
+    exitstatus: int
+    description: str
+
+    @classmethod
+    def from_rpc(cls, info: dict[str, Any]) -> ProcessInfo:
+        """Build from one entry of getAllProcessInfo."""
+        full = info["name"] if info["group"] == info["name"] else f"{info['group']}:{info['name']}"
+        uptime = float(info["now"] - info["start"]) if info["statename"] == "RUNNING" else 0.0
+        return cls(full, info["group"], info["statename"], info["pid"], uptime, info["exitstatus"], info["description"])
+
+
+def socket_path(run_dir: Path) -> Path:
+    """Where the rendered supervisord.conf puts the control socket."""
+    return run_dir / "supervisor.sock"
+
+
+class SupervisorClient:
+    """Blocking XML-RPC calls; use from a thread in async code."""
+
+    def __init__(self, sock: Path) -> None:
+        self.serverurl = f"unix://{sock}"
+
+    def _proxy(self) -> Any:
+        # A proxy per call: the transport keeps one connection and is not thread-safe.
+        transport = SupervisorTransport(None, None, serverurl=self.serverurl)
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        proxy = self._proxy()
+        try:
+            return getattr(proxy.supervisor, method)(*args)
+        except (OSError, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorUnavailable(f"supervisord at {self.serverurl}: {exc}") from None
+
+    def processes(self) -> list[ProcessInfo]:
+        """Every supervised process."""
+        return [ProcessInfo.from_rpc(i) for i in self._call("getAllProcessInfo")]
+
+    def state(self) -> str:
+        """supervisord's own state, e.g. RUNNING or SHUTDOWN."""
+        return str(self._call("getState")["statename"])
+
+    def pid(self) -> int:
+        """supervisord's pid."""
+        return int(self._call("getPID"))
+
+    def start(self, name: str, wait: bool = True) -> bool:
+        """Start one process ("group:name")."""
+        return bool(self._call("startProcess", name, wait))
+
+    def stop(self, name: str, wait: bool = True) -> bool:
+        """Stop one process ("group:name")."""
+        return bool(self._call("stopProcess", name, wait))
+
+    def signal(self, name: str, sig: str) -> bool:
+        """Send a signal (e.g. "HUP") to one process."""
+        return bool(self._call("signalProcess", name, sig))
+
+    def shutdown(self) -> None:
+        """Stop every process and supervisord itself."""
+        self._call("shutdown")

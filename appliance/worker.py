@@ -1,0 +1,104 @@
+"""One MCP worker process: the hosted app behind the gate, served by hypercorn."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from typing import Any
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import ASGIApp
+
+from appliance.config import Settings
+from appliance.gate import WorkerStats, build_gate
+
+logger = logging.getLogger("appliance.worker")
+
+
+class HostedAppError(Exception):
+    """The configured `mcp.app` cannot be imported or is not something we can serve."""
+
+
+def import_target(spec: str) -> Any:
+    """The object named by `module:attribute`."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is an operator-facing error
+        raise HostedAppError(f"mcp.app = {spec!r}: cannot import module {module_name!r}: {exc!r}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise HostedAppError(f"mcp.app = {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def hosted_app(settings: Settings) -> ASGIApp:
+    """The configured app as ASGI: an MCPServer gets a Streamable HTTP app built from settings."""
+    target = import_target(settings.mcp.app)
+    mcp = settings.mcp
+    if isinstance(target, MCPServer):
+        return target.streamable_http_app(
+            streamable_http_path=mcp.path,
+            json_response=mcp.json_response,
+            stateless_http=not mcp.sessions,
+            max_request_body_size=mcp.max_body_bytes,
+            session_idle_timeout=mcp.session_idle_timeout,
+            max_sessions=mcp.max_sessions,
+            # The gate checks Host and Origin against the public names for every hosted
+            # app; the SDK's own check would see nginx's view and answer 421.
+            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        )
+    if callable(target):
+        return target  # type: ignore[no-any-return]
+    raise HostedAppError(
+        f"mcp.app = {settings.mcp.app!r} is a {type(target).__name__}: expected an MCPServer or an ASGI app"
+    )
+
+
+def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
+    """hypercorn settings for worker `index`: loopback only, longer keepalive than nginx's."""
+    config = HypercornConfig()
+    config.bind = [f"{settings.workers.host}:{settings.worker_port(index)}"]
+    config.graceful_timeout = float(settings.workers.graceful_timeout)
+    # nginx keeps idle upstream connections for 60 s; the worker must not close first,
+    # or nginx may reuse a connection the worker is closing.
+    config.keep_alive_timeout = 75.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    return config
+
+
+def run_worker(settings: Settings, index: int) -> None:
+    """Serve until SIGTERM/SIGINT, then finish in-flight requests (bounded by graceful_timeout)."""
+    stats = WorkerStats(index=index)
+    app = build_gate(hosted_app(settings), settings, index, stats)
+    config = hypercorn_config(settings, index)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def stopped() -> None:
+            await stop.wait()
+            stats.draining = True
+            logger.info("worker %d stopping: draining %d in-flight requests", index, stats.in_flight)
+
+        logger.info("worker %d serving %s on %s", index, settings.mcp.app, config.bind[0])
+        await serve(app, config, shutdown_trigger=stopped)  # type: ignore[arg-type]
+
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional: plain asyncio works, a little slower
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
