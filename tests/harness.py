@@ -1,0 +1,234 @@
+"""Real appliances for tests: start `mcp-appliance run`, wait for health, always clean up.
+
+Everything listens on loopback ports picked at run time. Processes are stopped by the
+PID this harness started, never by name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from appliance.supervisor import SupervisorClient
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, message: str, interval: float = 0.05) -> T:
+    """Poll `predicate` until it returns a truthy value or `timeout` passes (then fail with `message`)."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:  # the condition may not be checkable yet (connection refused …)
+            last_error = exc
+        else:
+            if value:
+                return value
+        time.sleep(interval)
+    raise TimeoutError(f"{message} (not within {timeout:.0f}s; last error: {last_error!r})")
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base … base+count-1 are all free on 127.0.0.1 right now."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError("no free port block")
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Enough TOML for appliance configs: scalars, lists of strings, one level of tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def http(method: str, url: str, body: Any = None, headers: Mapping[str, str] | None = None,
+         timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP request (no MCP client): status, headers (lower-case keys), body."""
+    data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+_RUNNING: list[Appliance] = []
+
+
+@dataclass
+class Appliance:
+    """One `mcp-appliance run` in its own directory."""
+
+    base: Path
+    settings: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.base / "appliance.toml"
+
+    @property
+    def port(self) -> int:
+        return int(self.settings["http"]["port"])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def mcp_url(self) -> str:
+        return self.url + self.settings.get("mcp", {}).get("path", "/mcp")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.settings["run_dir"])
+
+    @property
+    def supervisor(self) -> SupervisorClient:
+        return SupervisorClient(self.run_dir / "supervisor.sock")
+
+    @property
+    def log(self) -> str:
+        return (self.base / "run.out").read_text(errors="replace")
+
+    def command(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the CLI against this appliance's config and capture its output."""
+        return subprocess.run(
+            [sys.executable, "-m", "appliance", "--config", str(self.config_path), *args],
+            capture_output=True, text=True, timeout=timeout, env={**os.environ, **self.env, **(env or {})},
+        )
+
+    def start(self) -> Appliance:
+        """Write the config and start `mcp-appliance run` (does not wait)."""
+        self.config_path.write_text(to_toml(self.settings))
+        out = open(self.base / "run.out", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "--config", str(self.config_path), "run"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.base,
+            env={**os.environ, **self.env},
+        )
+        _RUNNING.append(self)
+        return self
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        status, _, body = http("GET", self.url + "/health")
+        return status, json.loads(body)
+
+    def wait_healthy(self, timeout: float = 30, workers: int | None = None) -> dict[str, Any]:
+        """Poll /health until it says ok (with `workers` serving, when given)."""
+
+        def ok() -> dict[str, Any] | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"mcp-appliance run exited with {self.proc.returncode}:\n{self.log}")
+            status, doc = self.health()
+            if status == 200 and doc["status"] == "ok" and (workers is None or doc["workers"]["serving"] == workers):
+                return doc
+            return None
+
+        try:
+            return wait_until(ok, timeout, f"appliance on port {self.port} healthy")
+        except AssertionError:
+            raise
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n--- run.out ---\n{self.log[-4000:]}") from None
+
+    def worker_pid(self, index: int) -> int:
+        info = {p.name: p for p in self.supervisor.processes()}
+        return info[f"mcp:worker-{index:02d}"].pid
+
+    def stop(self, timeout: float = 40) -> None:
+        """SIGTERM supervisord (it stops its children), then SIGKILL the group if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        if self in _RUNNING:
+            _RUNNING.remove(self)
+
+
+def new_appliance(workers: int = 2, env: Mapping[str, str] | None = None, **overrides: Any) -> Appliance:
+    """An appliance config on fresh loopback ports in a fresh world-readable directory.
+
+    Keyword overrides are merged into the settings: tables (dicts) key by key.
+    """
+    base = Path(tempfile.mkdtemp(prefix="mcp-appliance-test-", dir="/tmp"))
+    base.chmod(0o755)  # the workers may run as the unprivileged service user
+    first = free_port_block(workers + 2)
+    settings: dict[str, Any] = {
+        "run_dir": str(base / "run"),
+        "log_dir": str(base / "log"),
+        "data_dir": str(base / "data"),
+        "http": {"host": "127.0.0.1", "port": first},
+        "admin": {"port": first + 1},
+        "workers": {"count": workers, "base_port": first + 2, "graceful_timeout": 5},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            settings.setdefault(key, {}).update(value)
+        else:
+            settings[key] = value
+    return Appliance(base=base, settings=settings, env=dict(env or {}))
+
+
+def cleanup(appliance: Appliance) -> None:
+    """Stop it and remove its directory."""
+    try:
+        appliance.stop()
+    finally:
+        shutil.rmtree(appliance.base, ignore_errors=True)
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for appliance in list(_RUNNING):
+        appliance.stop(timeout=10)
