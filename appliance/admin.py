@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from appliance import metrics
 from appliance.config import Settings, redacted
+from appliance.gate.audit import AdminAudit
+from appliance.gate.auth import WELL_KNOWN, AdminGuard, protected_resource_metadata
 from appliance.health import HealthChecker
+from appliance.operations import OperationError, Operator, Result
 from appliance.supervisor import SupervisorClient, socket_path
 
 
@@ -45,11 +52,51 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
     async def config(request: Request) -> JSONResponse:
         return JSONResponse(redacted(settings))
 
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(await metrics.scrape(settings, checker), media_type=metrics.CONTENT_TYPE)
+
+    async def resource_metadata(request: Request) -> JSONResponse:
+        if settings.auth.mode != "jwt":
+            return JSONResponse({"error": "not found", "detail": "auth.mode is not jwt"}, status_code=404)
+        return JSONResponse(protected_resource_metadata(settings, request.scope))
+
+    async def operate(action: Callable[[Operator], Result]) -> JSONResponse:
+        # Operations block (XML-RPC, probes, drain waits): a thread keeps /health answering.
+        operator = Operator(settings)
+        try:
+            result = await anyio.to_thread.run_sync(action, operator)
+        except OperationError as exc:
+            return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=exc.status)
+        # This process restarts last, after its answer went out.
+        after = BackgroundTask(operator.restart_admin) if result.restart_admin else None
+        return JSONResponse(result.as_dict(), background=after)
+
+    async def scale(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        workers = body.get("workers") if isinstance(body, dict) else None
+        if not isinstance(workers, int) or isinstance(workers, bool):
+            return JSONResponse({"error": "BadRequest", "detail": 'send {"workers": N} with N an integer'},
+                                status_code=400)
+        return await operate(lambda op: op.scale(workers))
+
+    async def reload(request: Request) -> JSONResponse:
+        return await operate(lambda op: op.reload())
+
+    async def restart_worker(request: Request) -> JSONResponse:
+        index = request.path_params["index"]
+        return await operate(lambda op: op.restart_worker(index))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        edge_events = await metrics.listen_for_edge_events(settings)
         try:
             yield
         finally:
+            if edge_events is not None:
+                edge_events.close()
             await checker.client.aclose()
 
     return Starlette(
@@ -59,7 +106,16 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
             Route("/health/ready", ready),
             Route("/health/startup", startup),
             Route("/config", config),
+            # Behind AdminGuard (the admin token), like everything under /admin/.
+            Route("/admin/scale", scale, methods=["POST"]),
+            Route("/admin/reload", reload, methods=["POST"]),
+            Route("/admin/workers/{index:int}/restart", restart_worker, methods=["POST"]),
+            Route("/metrics", metrics_endpoint),
+            Route(WELL_KNOWN, resource_metadata),
+            Route(WELL_KNOWN + "/{resource:path}", resource_metadata),
         ],
+        # Outermost first: every /admin/* request is audited, including refused ones.
+        middleware=[Middleware(AdminAudit, settings=settings), Middleware(AdminGuard, settings=settings)],
         lifespan=lifespan,
     )
 

@@ -21,18 +21,22 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _render_context(settings: Settings, path: Path, nginx: str) -> object:
+    from appliance.peers import read_nameservers
     from appliance.render import RenderContext, cli_command
 
-    return RenderContext(command=cli_command(sys.executable, path), nginx=nginx, as_root=os.geteuid() == 0)
+    return RenderContext(command=cli_command(sys.executable, path), nginx=nginx, as_root=os.geteuid() == 0,
+                         nameservers=read_nameservers())
 
 
 def cmd_check(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Validate the config and import the hosted app."""
+    from appliance.gate.services import check_gate
     from appliance.worker import HostedAppError, import_target
 
     try:
         import_target(settings.mcp.app)
-    except HostedAppError as exc:
+        check_gate(settings)
+    except (HostedAppError, ConfigError) as exc:
         return _fail(str(exc))
     print(f"ok: {settings.source}: {settings.workers.count} workers serving {settings.mcp.app} on port {settings.http.port}")
     return 0
@@ -47,7 +51,10 @@ def cmd_render(settings: Settings, path: Path, args: argparse.Namespace) -> int:
         nginx = find_nginx()
     except ConfigError:
         nginx = "/usr/sbin/nginx"  # rendering for another machine is fine without nginx here
-    files = render_all(settings, _render_context(settings, path, nginx))  # type: ignore[arg-type]
+    try:
+        files = render_all(settings, _render_context(settings, path, nginx))  # type: ignore[arg-type]
+    except ConfigError as exc:
+        return _fail(str(exc))
     for written in write_files(files, Path(args.out)):
         print(written)
     return 0
@@ -56,6 +63,8 @@ def cmd_render(settings: Settings, path: Path, args: argparse.Namespace) -> int:
 def cmd_run(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Render, check everything that can fail, then become supervisord."""
     from appliance import preflight
+    from appliance.gate.services import preflight_gate
+    from appliance.operations import prepare_run
     from appliance.render import render_all, write_files
     from appliance.worker import HostedAppError, import_target
 
@@ -66,10 +75,13 @@ def cmd_run(settings: Settings, path: Path, args: argparse.Namespace) -> int:
         supervisord = preflight.find_supervisord()
         preflight.check_ports_free(settings)
         preflight.prepare_dirs(settings, as_root)
+        preflight_gate(settings, as_root)
+        ctx = _render_context(settings, path, nginx)
+        files = render_all(settings, ctx)  # type: ignore[arg-type]
     except (ConfigError, HostedAppError) as exc:
         return _fail(str(exc))
-    files = render_all(settings, _render_context(settings, path, nginx))  # type: ignore[arg-type]
     write_files(files, settings.run_dir)
+    prepare_run(settings, ctx, path, as_root)  # type: ignore[arg-type]
     conf = str(settings.run_dir / "supervisord.conf")
     sys.stdout.flush()
     os.execv(supervisord, [supervisord, "--nodaemon", "-c", conf])
@@ -118,8 +130,11 @@ def cmd_worker(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     from appliance.logs import configure_logging
     from appliance.worker import run_worker
 
-    if not 0 <= args.index < settings.workers.count:
-        return _fail(f"--index {args.index}: workers.count is {settings.workers.count}")
+    from appliance.runtime import live_worker_count
+
+    count = live_worker_count(settings)  # `scale` may have changed it since `run`
+    if not 0 <= args.index < count:
+        return _fail(f"--index {args.index}: the appliance runs {count} workers")
     configure_logging(settings, f"worker-{args.index:02d}", args.index)
     run_worker(settings, args.index)
     return 0
@@ -138,9 +153,78 @@ def cmd_admin(settings: Settings, path: Path, args: argparse.Namespace) -> int:
 def cmd_events(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Internal: supervisord event listener."""
     from appliance.events import listen
+    from appliance.metrics import ProcessEvents, multiproc_dir
 
-    listen(settings.service_name)
+    listen(settings.service_name, on_event=ProcessEvents(settings.workers.count, multiproc_dir(settings.run_dir)))
     return 0
+
+
+def cmd_keys(settings: Settings, path: Path, args: argparse.Namespace) -> int:
+    """Manage the API keys in auth.keys_file (the key itself is shown once, at `add`)."""
+    from appliance import keys
+
+    file = settings.auth.keys_file
+    user = settings.user if os.geteuid() == 0 else None
+    try:
+        if args.keys_command == "add":
+            entry, key = keys.add_key(file, args.principal, args.scope or [], user)
+            print(f"added key {entry.id} for {entry.principal} (scopes: {' '.join(entry.scopes) or '-'}) to {file}")
+            print("the key (shown only now; store it safely):", file=sys.stderr)
+            print(key)
+        elif args.keys_command == "list":
+            entries = keys.read_keys(file) if file.exists() else {}
+            print(f"{'ID':<14} {'PRINCIPAL':<24} {'CREATED':<21} SCOPES")
+            for e in entries.values():
+                print(f"{e.id:<14} {e.principal:<24} {e.created:<21} {' '.join(e.scopes) or '-'}")
+        else:
+            entry = keys.revoke_key(file, args.id, user)
+            print(f"revoked key {entry.id} of {entry.principal}; workers refuse it within a second")
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if settings.auth.mode != "api_keys":
+        print(f"note: auth.mode is {settings.auth.mode!r}; keys are used only with auth.mode = \"api_keys\"",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_nginx(settings: Settings, path: Path, args: argparse.Namespace) -> int:
+    """Internal: nginx's master (started by supervisord), after a dead master's leftovers are gone."""
+    from appliance.nginx_master import exec_nginx
+
+    exec_nginx(args.argv, settings.run_dir / "nginx.pid")
+    return 0  # not reached
+
+
+def _operate(settings: Settings, action: str, *args: int) -> int:
+    """Run an operation in this process, printing its progress; exit 0 when it succeeded."""
+    import logging
+
+    from appliance.operations import OperationError, Operator
+
+    progress = logging.getLogger("appliance.operations")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("mcp-appliance: %(message)s"))
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    operator = Operator(settings)
+    try:
+        result = getattr(operator, action)(*args)
+        if result.restart_admin:
+            operator.restart_admin()
+            print("mcp-appliance: admin app restarted with the new settings")
+    except OperationError as exc:
+        return _fail(str(exc), 1)
+    return 0
+
+
+def cmd_scale(settings: Settings, path: Path, args: argparse.Namespace) -> int:
+    """Change the number of workers of the running appliance."""
+    return _operate(settings, "scale", args.workers)
+
+
+def cmd_reload(settings: Settings, path: Path, args: argparse.Namespace) -> int:
+    """Re-read appliance.toml and restart every worker, one at a time, drained."""
+    return _operate(settings, "reload")
 
 
 COMMANDS = {
@@ -148,9 +232,13 @@ COMMANDS = {
     "check": (cmd_check, "validate the config and import the hosted app; exit 0 when all is well"),
     "render": (cmd_render, "write the generated supervisord.conf, nginx.conf and supervisorctl.conf to a directory"),
     "status": (cmd_status, "show every program's state, pid, uptime, RSS and the aggregated health"),
+    "scale": (cmd_scale, "run N workers now: new ones join when ready, removed ones drain first (lasts until restart)"),
+    "reload": (cmd_reload, "apply appliance.toml and restart the workers one at a time without failing a request"),
     "worker": (cmd_worker, argparse.SUPPRESS),
     "admin": (cmd_admin, argparse.SUPPRESS),
     "events": (cmd_events, argparse.SUPPRESS),
+    "nginx": (cmd_nginx, argparse.SUPPRESS),
+    "keys": (cmd_keys, "manage API keys: keys add --principal NAME [--scope S ...] | keys list | keys revoke ID"),
 }
 
 
@@ -166,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="rendered", help="directory to write into (default: ./rendered)")
         if name == "worker":
             p.add_argument("--index", type=int, required=True)
+        if name == "keys":
+            ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+            add = ksub.add_parser("add", help="create a key and print it (once)")
+            add.add_argument("--principal", "-p", required=True, help="who the key belongs to (an agent or a team)")
+            add.add_argument("--scope", "-s", action="append", help="a scope the key grants; repeat for more")
+            ksub.add_parser("list", help="list keys (ids, principals, scopes; never the keys)")
+            revoke = ksub.add_parser("revoke", help="remove a key by id")
+            revoke.add_argument("id")
+        if name == "nginx":
+            p.add_argument("argv", nargs=argparse.REMAINDER, help="the nginx command line")
+        if name == "scale":
+            p.add_argument("workers", type=int, metavar="N", help="the number of workers to run")
     return parser
 
 

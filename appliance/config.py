@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -46,6 +47,9 @@ class HttpSettings:
     #: Idle keepalive connections nginx keeps to each worker.
     upstream_keepalive: int = 64
     worker_connections: int = 4096
+    #: Load balancers / proxies (CIDR) whose X-Forwarded-For nginx believes: the real client
+    #: address then drives per-client limits and audit records. Empty: trust nobody.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class AdminSettings:
 
     host: str = "127.0.0.1"
     port: int = 9000
+    #: File holding the admin token that /admin/* (and /config in production) require;
+    #: empty: `run` generates a fresh one at <run_dir>/admin.token for each start.
+    token_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,11 +104,143 @@ class HealthSettings:
     probe_timeout: float = 1.0
 
 
+#: node.ordinal value that means "the ordinal at the end of the host name".
+ORDINAL_FROM_HOSTNAME = -1
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """This host's place among peers (a StatefulSet pod ordinal on Kubernetes)."""
 
+    #: This node's number among peers (tags its session ids); -1: the number that ends the host
+    #: name `<name>-<ordinal>` (what a StatefulSet pod is called).
     ordinal: int = 0
+    #: Peers' public addresses "host:port", entry K being node K (this node's own entry is not used):
+    #: a session owned by node K is proxied to it. For fixed sets of hosts; see peer_address for pods.
+    peers: tuple[str, ...] = ()
+    #: Peer address template with "{ordinal}", looked up in DNS per request (pods that do not exist
+    #: yet are fine), e.g. "mcp-appliance-{ordinal}.mcp-appliance-peers.default.svc.cluster.local:8080".
+    peer_address: str = ""
+    #: DNS servers ("ip" or "ip:port") nginx asks for peer names; empty: the nameservers in /etc/resolv.conf.
+    resolver: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may call the MCP endpoint."""
+
+    #: "none" (every caller is the principal `anonymous`), "api_keys" (auth.keys_file) or
+    #: "jwt" (bearer tokens signed by your identity provider).
+    mode: Literal["none", "api_keys", "jwt"] = "none"
+    #: Mode "none" is refused when environment = "production" unless this is true.
+    allow_none_in_production: bool = False
+    #: Scopes of `anonymous` in mode "none"; "*" stands for every scope (no policy refusal).
+    anonymous_scopes: tuple[str, ...] = ("*",)
+    #: Header that may carry an API key instead of `Authorization: Bearer <key>`.
+    api_key_header: str = "X-API-Key"
+    #: The API keys (principal, scopes, key hash); managed by `mcp-appliance keys add|list|revoke`.
+    keys_file: Path = Path("/etc/mcp-appliance/api_keys.json")
+    #: Mode "jwt": an HS256 secret, an RS256/ES256 public key (PEM) or a JWKS document (JSON).
+    jwt_key_file: Path = Path("/etc/mcp-appliance/jwt_key.pem")
+    #: Required `iss` claim ("" = not checked); named as authorization server in the resource metadata.
+    jwt_issuer: str = ""
+    #: Required `aud` claim ("" = not checked).
+    jwt_audience: str = ""
+    #: Clock skew tolerated when checking exp, nbf and iat, in seconds.
+    jwt_leeway: int = 30
+    #: Claim naming the principal.
+    jwt_principal_claim: str = "sub"
+    #: Claim holding the scopes: a space-separated string (e.g. "scope") or a list (e.g. "scp").
+    jwt_scope_claim: str = "scope"
+    #: Public URL of the MCP endpoint, for the OAuth protected-resource metadata
+    #: ("" = built from the request's Host and scheme).
+    resource_url: str = ""
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Which scopes a tool, resource or prompt requires."""
+
+    #: Rules "<kind>:<pattern> = <scope> [<scope> …]", kind tool, resource or prompt, pattern with
+    #: * and ? wildcards (resources match on the URI); the first matching rule decides.
+    rules: tuple[str, ...] = ("tool:add_note = notes:write", "tool:delete_note = notes:write")
+    #: What a call that no rule matches gets: "allow" or "deny".
+    default: Literal["allow", "deny"] = "allow"
+    #: Hide from tools/list, prompts/list and resources/list what the caller may not use.
+    filter_lists: bool = True
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail: one JSON line per MCP request and per admin action, under <log_dir>/audit/."""
+
+    #: Write the audit trail (<log_dir>/audit/worker-NN.jsonl and admin.jsonl).
+    enabled: bool = True
+    #: When records reach the disk: "every" record (slow), at most fsync_interval seconds
+    #: later ("interval"), or when the kernel decides ("none"). A crashed process loses nothing either way.
+    fsync: Literal["interval", "every", "none"] = "interval"
+    #: Seconds between fsyncs with fsync = "interval".
+    fsync_interval: float = 1.0
+    #: Record tool/prompt arguments verbatim (they may hold personal data); a SHA-256 digest always.
+    raw_arguments: bool = False
+    #: Size at which an audit file is rotated by its writer, in bytes.
+    max_bytes: int = 100 * 1024 * 1024
+    #: Rotated audit files kept per process.
+    backups: int = 10
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Limits nginx applies at the edge, before a request reaches a worker."""
+
+    #: Requests per second per credential (per client address for requests without one); 0: no limit.
+    rate: int = 100
+    #: Requests above the rate accepted at once before 429.
+    burst: int = 200
+    #: Requests per second per client address whatever credentials it sends; 0: no limit.
+    address_rate: int = 0
+    #: Requests above address_rate accepted at once before 429.
+    address_burst: int = 400
+    #: Concurrent connections per client address (open SSE streams count); 0: no limit.
+    connections: int = 256
+    #: Client networks (CIDR) no limit applies to; the host itself by default.
+    exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: Retry-After of a 429 answer, in seconds.
+    retry_after: int = 1
+    #: Longest request header line, in KiB; longer headers get 400.
+    header_buffer_kb: int = 16
+    #: Seconds a client may take to send its request headers.
+    client_header_timeout: int = 10
+    #: Seconds nginx waits between two reads of a request body.
+    client_body_timeout: int = 30
+    #: Shared memory of each limit table, in MiB (about 8,000 clients per MiB).
+    zone_mb: int = 10
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Optional TLS termination in nginx (HTTP/2, TLS 1.2 and 1.3 only)."""
+
+    #: Terminate TLS in nginx (off when a load balancer or ingress in front does it).
+    enabled: bool = False
+    #: The HTTPS listener's port (on http.host).
+    port: int = 443
+    #: Certificate chain (PEM); nginx reads it as root, before dropping privileges.
+    cert_file: Path = Path("/etc/mcp-appliance/tls/cert.pem")
+    #: Private key of the certificate (PEM); keep it readable by root only.
+    key_file: Path = Path("/etc/mcp-appliance/tls/key.pem")
+    #: Answer plain HTTP with a 308 redirect to HTTPS (the /health endpoints stay on HTTP for probes).
+    redirect_http: bool = False
+    #: Send Strict-Transport-Security on HTTPS answers.
+    hsts: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint /metrics."""
+
+    #: Client networks (CIDR) nginx lets read /metrics; empty: everyone.
+    allow_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +269,12 @@ class Settings:
     mcp: McpSettings = field(default_factory=McpSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     node: NodeSettings = field(default_factory=NodeSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: Where these settings came from, for error messages and rendered headers.
     source: str = field(default="built-in defaults", compare=False)
 
@@ -173,8 +318,12 @@ def config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:
     return Path(cli_path or environ.get("MCP_APPLIANCE_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
-def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the TOML file (missing means defaults), apply the environment, validate."""
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None,
+                  hostname: str | None = None) -> Settings:
+    """Read the TOML file (missing means defaults), apply the environment, validate.
+
+    `hostname` (default: this machine's) is read only when node.ordinal is -1.
+    """
     environ = os.environ if environ is None else environ
     path = path or config_path(None, environ)
     raw: dict[str, Any] = {}
@@ -192,8 +341,20 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         source += " + environment"
     settings = _build(Settings, raw, overrides, "", str(path))
     settings = dataclasses.replace(settings, source=source)
+    if settings.node.ordinal == ORDINAL_FROM_HOSTNAME:
+        ordinal = ordinal_from_hostname(hostname or socket.gethostname(), settings.source)
+        settings = dataclasses.replace(settings, node=dataclasses.replace(settings.node, ordinal=ordinal))
     validate(settings)
     return settings
+
+
+def ordinal_from_hostname(hostname: str, source: str = "built-in defaults") -> int:
+    """The ordinal a StatefulSet pod's name `<name>-<ordinal>` ends with."""
+    match = re.fullmatch(r"[A-Za-z0-9.-]*?-(\d+)", hostname.split(".", 1)[0])
+    if not match:
+        raise ConfigError(f"{source}: 'node.ordinal' = -1 (from the host name) but host name {hostname!r} does not "
+                          "end in -<ordinal> (StatefulSet pods are named <name>-<ordinal>); set node.ordinal explicitly")
+    return int(match[1])
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
@@ -337,7 +498,17 @@ def validate(settings: Settings) -> None:
     need(1 <= settings.health.min_ready_workers <= w.count, "health.min_ready_workers",
          settings.health.min_ready_workers, f"1 to workers.count ({w.count})")
     need(settings.health.probe_timeout > 0, "health.probe_timeout", settings.health.probe_timeout, "seconds > 0")
-    need(0 <= settings.node.ordinal <= 999, "node.ordinal", settings.node.ordinal, "0 to 999")
+    need(0 <= settings.node.ordinal <= 999, "node.ordinal", settings.node.ordinal, "0 to 999, or -1 for the host name's")
+    node = settings.node
+    for k, peer in enumerate(node.peers):
+        need(split_address(peer) is not None, f"node.peers[{k}]", peer, "'host:port', e.g. '10.0.0.2:80' or '[::1]:8080'")
+    template = node.peer_address
+    need(not template or (template.count("{ordinal}") == 1 and split_address(template.replace("{ordinal}", "0")) is not None
+                          and "{" not in template.replace("{ordinal}", "")),
+         "node.peer_address", template, "'host:port' containing {ordinal} once, e.g. 'app-{ordinal}.app-peers.ns.svc.cluster.local:8080'")
+    need(not (template and node.peers), "node.peer_address", template, "empty when node.peers is set (use one or the other)")
+    for k, server in enumerate(node.resolver):
+        need(_is_resolver(server), f"node.resolver[{k}]", server, "an IP address, optionally with :port, e.g. '10.96.0.10' or '127.0.0.1:5353'")
     need(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", settings.service_name)), "service_name", settings.service_name,
          "letters, digits, '.', '_' or '-'")
     need(settings.log_max_bytes >= 1024, "log_max_bytes", settings.log_max_bytes, "bytes >= 1024")
@@ -346,14 +517,97 @@ def validate(settings: Settings) -> None:
     for key in ("data_dir", "log_dir", "run_dir"):
         value = getattr(settings, key)
         need(value.is_absolute(), key, str(value), "an absolute path")
+    _validate_gate(settings, need)
     # nginx, the admin app and the workers all bind on this host: one port each.
     ports: dict[int, str] = {}
     claims = [("http.port", settings.http.port), ("admin.port", settings.admin.port)]
     claims += [(f"workers.base_port (worker {k})", settings.worker_port(k)) for k in range(w.count)]
+    if settings.tls.enabled:
+        claims.append(("tls.port", settings.tls.port))
     for key, port in claims:
         if port in ports:
             raise ConfigError(f"{settings.source}: port clash: '{key}' and '{ports[port]}' both use port {port}")
         ports[port] = key
+
+
+_RULE = re.compile(r"^\s*(tool|resource|prompt):(\S+)\s*=\s*(\S+(?:\s+\S+)*)\s*$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9-]+$")
+
+
+def split_rule(rule: str) -> tuple[str, str, tuple[str, ...]]:
+    """(kind, pattern, scopes) of a policy rule "kind:pattern = scope …"; ValueError if malformed."""
+    match = _RULE.match(rule)
+    if not match:
+        raise ValueError(rule)
+    return match[1], match[2], tuple(match[3].split())
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _validate_gate(settings: Settings, need: typing.Callable[[bool, str, Any, str], None]) -> None:
+    """Checks of the auth, policy, audit, limits, TLS and metrics settings."""
+    a = settings.auth
+    if a.mode == "none" and settings.environment == "production" and not a.allow_none_in_production:
+        raise ConfigError(
+            f"{settings.source}: 'auth.mode' = 'none' is refused when environment = 'production': choose "
+            "'api_keys' or 'jwt', or set 'auth.allow_none_in_production' = true to accept unauthenticated callers"
+        )
+    need(bool(_HEADER_NAME.match(a.api_key_header)) and a.api_key_header.lower() not in {"authorization", "host"},
+         "auth.api_key_header", a.api_key_header, "an HTTP header name such as X-API-Key")
+    for k, scope in enumerate(a.anonymous_scopes):
+        need(bool(scope) and " " not in scope, f"auth.anonymous_scopes[{k}]", scope, "a scope without spaces")
+    need(a.jwt_leeway >= 0, "auth.jwt_leeway", a.jwt_leeway, "seconds >= 0")
+    need(bool(a.jwt_principal_claim), "auth.jwt_principal_claim", a.jwt_principal_claim, "a claim name")
+    need(bool(a.jwt_scope_claim), "auth.jwt_scope_claim", a.jwt_scope_claim, "a claim name")
+    need(not a.resource_url or bool(re.match(r"^https?://[^/\s]+(/\S*)?$", a.resource_url)), "auth.resource_url",
+         a.resource_url, "empty or an http(s) URL such as https://mcp.example.com/mcp")
+    for k, rule in enumerate(settings.policy.rules):
+        try:
+            split_rule(rule)
+        except ValueError:
+            need(False, f"policy.rules[{k}]", rule, "'<tool|resource|prompt>:<pattern> = <scope> [<scope> ...]', "
+                 "e.g. 'tool:delete_* = notes:write'")
+    au = settings.audit
+    need(au.fsync_interval > 0, "audit.fsync_interval", au.fsync_interval, "seconds > 0")
+    need(au.max_bytes >= 4096, "audit.max_bytes", au.max_bytes, "bytes >= 4096")
+    need(au.backups >= 1, "audit.backups", au.backups, "an integer >= 1 (rotation keeps the previous file)")
+    lim = settings.limits
+    for key in ("rate", "burst", "address_rate", "address_burst", "connections"):
+        need(getattr(lim, key) >= 0, f"limits.{key}", getattr(lim, key), "an integer >= 0 (0: no limit)")
+    for key in ("retry_after", "header_buffer_kb", "client_header_timeout", "client_body_timeout", "zone_mb"):
+        need(getattr(lim, key) > 0, f"limits.{key}", getattr(lim, key), "a positive integer")
+    need(lim.header_buffer_kb <= 1024, "limits.header_buffer_kb", lim.header_buffer_kb, "at most 1024 KiB")
+    for key, networks in (("http.trusted_proxies", settings.http.trusted_proxies), ("limits.exempt", lim.exempt),
+                          ("metrics.allow_from", settings.metrics.allow_from)):
+        for k, net in enumerate(networks):
+            need(_is_network(net), f"{key}[{k}]", net, "an IP address or CIDR network, e.g. 10.0.0.0/8")
+    t = settings.tls
+    need(1 <= t.port <= 65535, "tls.port", t.port, "a TCP port 1-65535")
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of 'host:port' (host a DNS name, an IPv4 address or a bracketed IPv6 one), else None."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        return (host[1:-1], int(port)) if _is_address(host[1:-1]) and ":" in host else None
+    if ":" in host:  # an IPv6 address needs brackets, or its port would be ambiguous
+        return None
+    return (host, int(port)) if _is_address(host) or _HOST_NAME.match(host) else None
+
+
+def _is_resolver(server: str) -> bool:
+    return _is_address(server) or (split_address(server) is not None and _is_address(split_address(server)[0]))  # type: ignore[index]
 
 
 def _is_loopback(host: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from supervisor import childutils
@@ -16,8 +17,9 @@ def parse_payload(payload: str) -> dict[str, str]:
     return dict(token.split(":", 1) for token in first.split() if ":" in token)
 
 
-def listen(service: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, log: TextIO = sys.stderr) -> None:
-    """Speak supervisord's listener protocol forever; one log line per state change."""
+def listen(service: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, log: TextIO = sys.stderr,
+           on_event: Callable[[str, dict[str, str]], None] | None = None) -> None:
+    """Speak supervisord's listener protocol forever; one log line per state change (and `on_event`)."""
     while True:
         headers, payload = childutils.listener.wait(stdin, stdout)
         fields = parse_payload(payload)
@@ -37,4 +39,6 @@ def listen(service: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
         }
         log.write(json.dumps(record) + "\n")
         log.flush()
+        if on_event is not None:
+            on_event(headers["eventname"], fields)  # metrics: restarts, dead processes' gauges
         childutils.listener.ok(stdout)

@@ -12,15 +12,15 @@ import httpx2
 
 from appliance.config import Settings
 from appliance.gate.probe import PROBE_PATH
-from appliance.supervisor import ProcessInfo, SupervisorClient, SupervisorUnavailable
+from appliance.runtime import live_worker_count
+from appliance.supervisor import ProcessInfo, SupervisorClient, SupervisorUnavailable, worker_program
 
 Overall = Literal["ok", "degraded", "down"]
-WORKER_GROUP = "mcp"
 
 
 def worker_process_name(index: int) -> str:
-    """supervisord's name for worker `index` (matches process_name in supervisord.conf)."""
-    return f"{WORKER_GROUP}:worker-{index:02d}"
+    """supervisord's name for worker `index` (one program per worker, see supervisord.conf)."""
+    return worker_program(index)
 
 
 @dataclass
@@ -45,7 +45,8 @@ class HealthChecker:
 
     async def probe_workers(self) -> list[dict[str, Any]]:
         """Every worker's probe, concurrently."""
-        return list(await asyncio.gather(*(self.probe_worker(k) for k in range(self.settings.workers.count))))
+        count = live_worker_count(self.settings)  # a live `scale` changes it
+        return list(await asyncio.gather(*(self.probe_worker(k) for k in range(count))))
 
     async def programs(self) -> tuple[list[ProcessInfo], str | None]:
         """supervisord's process list (empty with an error message when it does not answer)."""
@@ -73,8 +74,8 @@ class HealthChecker:
             status = "down"
         elif (
             sup_error
-            or serving < self.settings.workers.count
-            or any(p.state != "RUNNING" for p in programs)
+            or serving < len(probes)
+            or any(not settled(p, probes) for p in programs)
             or not is_ready
         ):
             status = "degraded"
@@ -88,7 +89,8 @@ class HealthChecker:
             "environment": s.environment,
             "node": s.node.ordinal,
             "uptime": round(time.time() - self.started, 3),
-            "workers": {"configured": s.workers.count, "serving": serving, "min_ready": s.health.min_ready_workers},
+            "workers": {"configured": len(probes), "in_config_file": s.workers.count, "serving": serving,
+                        "min_ready": s.health.min_ready_workers},
             "programs": {
                 p.name: {"state": p.state, "pid": p.pid, "uptime": round(p.uptime, 1)} for p in programs
             },
@@ -96,4 +98,39 @@ class HealthChecker:
         }
         if sup_error:
             doc["supervisor_error"] = sup_error
+        reasons = problems(programs, probes)
+        if reasons:
+            doc["reasons"] = reasons
         return status, doc
+
+
+def settled(program: ProcessInfo, probes: list[dict[str, Any]]) -> bool:
+    """RUNNING, or a worker still within its startsecs that already serves from that pid."""
+    if program.state == "RUNNING":
+        return True
+    return program.state == "STARTING" and any(
+        p["ok"] and worker_program(p["worker"]) == program.name and p.get("pid") == program.pid for p in probes
+    )
+
+
+def problems(programs: list[ProcessInfo], probes: list[dict[str, Any]]) -> list[str]:
+    """Why the appliance is not fully ok, one operator-facing sentence each."""
+    reasons = []
+    for p in programs:
+        if settled(p, probes):
+            continue
+        if p.state == "FATAL":
+            reasons.append(
+                f"{p.name} is FATAL: it kept exiting right after start, so supervisord stopped restarting it "
+                f"({p.description}); see its log, fix the cause, then run `supervisorctl start {p.name}` "
+                "or `mcp-appliance reload` (a worker: POST /admin/workers/<k>/restart)"
+            )
+        elif p.state in {"BACKOFF", "EXITED", "STOPPED", "STARTING", "STOPPING"}:
+            reasons.append(f"{p.name} is {p.state}")
+    for probe in probes:
+        if probe.get("status") == "draining":
+            reasons.append(f"worker {probe['worker']} is draining (an operation is restarting or removing it)")
+        elif not probe["ok"] and "error" in probe:
+            reasons.append(f"worker {probe['worker']} does not answer its probe: {probe['error']}")
+    return reasons
+

@@ -20,12 +20,14 @@ class _ContextFilter(logging.Filter):
         self.worker = worker
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from appliance.gate.requests import request_id
+        from appliance.gate.requests import principal_name, request_id, session_id
 
         record.service = self.service
         record.proc = self.process_name
         record.worker = self.worker
         record.request_id = getattr(record, "request_id", None) or request_id.get()
+        record.principal = getattr(record, "principal", None) or principal_name.get()
+        record.session = getattr(record, "session", None) or session_id.get()
         return True
 
 
@@ -34,7 +36,7 @@ def configure_logging(settings: Settings, process_name: str, worker: int | None 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter(
-            "{asctime}{levelname}{name}{message}{service}{proc}{worker}{request_id}",
+            "{asctime}{levelname}{name}{message}{service}{proc}{worker}{request_id}{principal}{session}",
             style="{",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "proc": "process"},
             timestamp=False,

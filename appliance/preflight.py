@@ -20,26 +20,33 @@ def listen_claims(settings: Settings) -> list[tuple[str, str, int]]:
         (f"workers.base_port (worker {k})", settings.workers.host, settings.worker_port(k))
         for k in range(settings.workers.count)
     ]
+    if settings.tls.enabled:
+        claims.append(("tls.port", settings.http.host, settings.tls.port))
     return claims
 
 
 def check_ports_free(settings: Settings) -> None:
     """Every port the appliance will bind is free now."""
     for key, host, port in listen_claims(settings):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ConfigError(f"port clash: '{key}' = {port} is already in use on {host}") from None
-                if exc.errno == errno.EACCES:
-                    raise ConfigError(
-                        f"'{key}' = {port}: permission denied binding {host}:{port} "
-                        "(ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-                    ) from None
-                raise ConfigError(f"'{key}' = {port}: cannot bind {host}:{port}: {exc.strerror}") from None
+        check_port_free(key, host, port)
+
+
+def check_port_free(key: str, host: str, port: int) -> None:
+    """`host:port` can be bound now; a ConfigError naming `key` when not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port clash: '{key}' = {port} is already in use on {host}") from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(
+                    f"'{key}' = {port}: permission denied binding {host}:{port} "
+                    "(ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                ) from None
+            raise ConfigError(f"'{key}' = {port}: cannot bind {host}:{port}: {exc.strerror}") from None
 
 
 def find_nginx() -> str:

@@ -10,15 +10,21 @@ from pathlib import Path
 
 import jinja2
 
+from appliance import peers, pool
 from appliance.config import Settings
+from appliance.metrics import edge_socket, multiproc_dir
 from appliance.gate.sessions import owner_prefix
-from appliance.supervisor import socket_path
+from appliance.supervisor import socket_path, worker_program
 
 TEMPLATES = {
     "supervisord.conf": "supervisord.conf.j2",
     "nginx.conf": "nginx.conf.j2",
     "supervisorctl.conf": "supervisorctl.conf.j2",
 }
+
+
+#: What nginx answers for a session it cannot reach: the spec's "re-initialize" signal.
+SESSION_GONE_BODY = '{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class RenderContext:
     nginx: str = "/usr/sbin/nginx"
     #: Whether supervisord starts as root (then children drop to settings.user).
     as_root: bool = False
+    #: This machine's DNS servers (from /etc/resolv.conf), for looking up peer nodes by name.
+    nameservers: tuple[str, ...] = ()
 
 
 def _environment() -> jinja2.Environment:
@@ -58,13 +66,24 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
     workers = [
         {
             "index": k,
+            "program": worker_program(k),
             "address": f"{settings.workers.host}:{settings.worker_port(k)}",
             "upstream": f"mcp_w{k}",
             "prefix": owner_prefix(settings.node.ordinal, k),
-            # Sessions of one worker share a few idle connections; the pool holds the rest.
-            "keepalive": max(4, settings.http.upstream_keepalive // count),
         }
         for k in range(count)
+    ]
+    # nginx knows every worker index a `scale` may reach, so scaling never reloads it
+    # (see appliance/pool.py); a session of a worker that does not exist gets 404.
+    session_upstreams = [
+        {
+            "upstream": f"mcp_w{k}",
+            "socket": pool.worker_socket(settings.run_dir, k),
+            # Sessions of one worker share a few idle connections; the pool holds the rest.
+            # Not derived from the worker count: a live scale must not change nginx.conf.
+            "keepalive": max(4, settings.http.upstream_keepalive // 4),
+        }
+        for k in range(pool.MAX_WORKERS)
     ]
     user = settings.user if ctx.as_root else ""
     return {
@@ -83,13 +102,43 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "listen": _listen(settings.http.host, settings.http.port),
         "worker_upstreams": workers,
         "worker_count": count,
-        "retry_tries": max(2, count),
+        "session_upstreams": session_upstreams,
+        # Tags as in appliance.gate.sessions.owner_prefix; indices 0-63 (pool.MAX_WORKERS).
+        "session_pattern": rf"~^n{settings.node.ordinal}w(?<mcp_worker>[0-9]|[1-5][0-9]|6[0-3])-",
+        "pool_slots": [pool.slot_path(settings.run_dir, j) for j in range(pool.SLOTS)],
+        "upstream_idle_timeout": pool.UPSTREAM_IDLE_TIMEOUT,
+        # A refused slot is retried on the next one; every slot may be tried once.
+        "retry_tries": pool.SLOTS,
         "admin_address": f"{settings.admin.host}:{settings.admin.port}",
         "mcp_path": settings.mcp.path,
         "command": ctx.command,
         "nginx": ctx.nginx,
         "graceful_timeout": settings.workers.graceful_timeout,
-        "environment": f'MCP_APPLIANCE_DATA_DIR="{settings.data_dir}"',
+        # Workers, the admin app and the event listener write metrics files there (appliance/metrics.py).
+        "environment": f'MCP_APPLIANCE_DATA_DIR="{settings.data_dir}",'
+                       f'PROMETHEUS_MULTIPROC_DIR="{multiproc_dir(settings.run_dir)}"',
+        "session_gone_body": SESSION_GONE_BODY,
+        "node_tag": f"n{settings.node.ordinal}",
+        "peer_routes": peers.peer_routes(settings),
+        "resolver": peers.nginx_resolver(settings, ctx.nameservers),
+        "forwarded_header": peers.FORWARDED_HEADER,
+        "forwarded_variable": "$http_" + peers.FORWARDED_HEADER.lower().replace("-", "_"),
+        **_gate_values(settings),
+    }
+
+
+def _gate_values(settings: Settings) -> dict[str, object]:
+    """Edge limits, TLS, trusted proxies and metrics access for nginx.conf."""
+    tls = settings.tls
+    return {
+        "limits": settings.limits,
+        "api_key_variable": "$http_" + settings.auth.api_key_header.lower().replace("-", "_"),
+        "edge_socket": edge_socket(settings.run_dir),
+        "trusted_proxies": settings.http.trusted_proxies,
+        "metrics_allow": settings.metrics.allow_from,
+        "tls": tls,
+        "tls_listen": _listen(settings.http.host, tls.port),
+        "tls_port_suffix": "" if tls.port == 443 else f":{tls.port}",
     }
 
 

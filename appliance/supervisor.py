@@ -34,6 +34,11 @@ class ProcessInfo:
         return cls(full, info["group"], info["statename"], info["pid"], uptime, info["exitstatus"], info["description"])
 
 
+def worker_program(index: int) -> str:
+    """supervisord's name for worker `index`: one program (and process group) per worker."""
+    return f"worker-{index:02d}"
+
+
 def socket_path(run_dir: Path) -> Path:
     """Where the rendered supervisord.conf puts the control socket."""
     return run_dir / "supervisor.sock"
@@ -80,6 +85,23 @@ class SupervisorClient:
     def signal(self, name: str, sig: str) -> bool:
         """Send a signal (e.g. "HUP") to one process."""
         return bool(self._call("signalProcess", name, sig))
+
+    def process(self, name: str) -> ProcessInfo:
+        """One process ("group:name" or a program's name)."""
+        return ProcessInfo.from_rpc(self._call("getProcessInfo", name))
+
+    def reload_config(self) -> tuple[list[str], list[str], list[str]]:
+        """Re-read supervisord.conf; (added, changed, removed) group names. Starts and stops nothing."""
+        added, changed, removed = self._call("reloadConfig")[0]
+        return list(added), list(changed), list(removed)
+
+    def add_group(self, name: str) -> bool:
+        """Activate a group that reload_config reported as added (its autostart programs start)."""
+        return bool(self._call("addProcessGroup", name))
+
+    def remove_group(self, name: str) -> bool:
+        """Forget a group whose processes are all stopped."""
+        return bool(self._call("removeProcessGroup", name))
 
     def shutdown(self) -> None:
         """Stop every process and supervisord itself."""

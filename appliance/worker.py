@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 
 from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
+from appliance.pool import worker_socket
 
 logger = logging.getLogger("appliance.worker")
 
@@ -65,10 +66,18 @@ def hosted_app(settings: Settings) -> ASGIApp:
 def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
     """hypercorn settings for worker `index`: loopback only, longer keepalive than nginx's."""
     config = HypercornConfig()
-    config.bind = [f"{settings.workers.host}:{settings.worker_port(index)}"]
+    # nginx reaches the worker on its unix socket (appliance/pool.py); the TCP port serves
+    # the admin app's probes and operators.
+    config.bind = [
+        f"{settings.workers.host}:{settings.worker_port(index)}",
+        f"unix:{worker_socket(settings.run_dir, index)}",
+    ]
+    # A full accept queue makes a unix-socket connect fail at once (EAGAIN) rather than wait:
+    # nginx would answer 502 (a session: 404). Room for bursts of new connections.
+    config.backlog = 4096
     config.graceful_timeout = float(settings.workers.graceful_timeout)
-    # nginx keeps idle upstream connections for 60 s; the worker must not close first,
-    # or nginx may reuse a connection the worker is closing.
+    # nginx closes idle upstream connections first (pool.UPSTREAM_IDLE_TIMEOUT); the worker
+    # must not, or nginx may reuse a connection the worker is closing.
     config.keep_alive_timeout = 75.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -87,10 +96,12 @@ def run_worker(settings: Settings, index: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # An operation drains the worker before it stops it (appliance/gate/drain.py).
+        loop.add_signal_handler(signal.SIGUSR1, stats.start_draining)
 
         async def stopped() -> None:
             await stop.wait()
-            stats.draining = True
+            stats.start_draining()
             logger.info("worker %d stopping: draining %d in-flight requests", index, stats.in_flight)
 
         logger.info("worker %d serving %s on %s", index, settings.mcp.app, config.bind[0])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from appliance.health import worker_process_name
 from appliance.supervisor import SupervisorClient
 
 T = TypeVar("T")
@@ -180,7 +181,7 @@ class Appliance:
 
     def worker_pid(self, index: int) -> int:
         info = {p.name: p for p in self.supervisor.processes()}
-        return info[f"mcp:worker-{index:02d}"].pid
+        return info[worker_process_name(index)].pid
 
     def stop(self, timeout: float = 40) -> None:
         """SIGTERM supervisord (it stops its children), then SIGKILL the group if it hangs."""

@@ -9,22 +9,39 @@ from __future__ import annotations
 from starlette.types import ASGIApp
 
 from appliance.config import Settings
+from appliance.gate.auth import Authenticate
+from appliance.gate.binding import SessionBinding
+from appliance.gate.drain import Drain
 from appliance.gate.hosts import HostOriginCheck
+from appliance.gate.jsonrpc import JsonRpcBody
 from appliance.gate.limits import BodyLimit
+from appliance.gate.outcome import Outcome
+from appliance.gate.policy import PolicyCheck
 from appliance.gate.probe import HealthProbe
 from appliance.gate.requests import RequestContext
+from appliance.gate.services import GateServices, gate_services
 from appliance.gate.sessions import SessionOwnership
 from appliance.gate.stats import WorkerStats
 
 
-def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats) -> ASGIApp:
-    """Wrap the hosted `app` for worker `index`."""
+def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats,
+               services: GateServices | None = None) -> ASGIApp:
+    """Wrap the hosted `app` for worker `index` (services: made from settings when not given)."""
     mcp = settings.mcp
+    s = services or gate_services(settings, index)
     layers = [
         lambda a: HealthProbe(a, stats),
         lambda a: RequestContext(a, stats),
+        # Records every request from here on: audit line and metrics, once it is answered.
+        lambda a: Outcome(a, s.sinks(index, settings.audit.raw_arguments)),
+        lambda a: Drain(a, stats),
         lambda a: HostOriginCheck(a, mcp.allowed_hosts, mcp.allowed_origins),
         lambda a: BodyLimit(a, mcp.max_body_bytes),
+        lambda a: Authenticate(a, s.authenticator, settings),
+        lambda a: SessionBinding(a, mcp.session_idle_timeout, mcp.max_sessions, s.metrics.sessions_changed),
+        # The body is read and parsed once, here, for the policy, the audit record and the metrics.
+        lambda a: JsonRpcBody(a, mcp.path),
+        lambda a: PolicyCheck(a, s.policy),
         lambda a: SessionOwnership(a, settings.node.ordinal, index, stats),
     ]
     for layer in reversed(layers):
@@ -32,4 +49,4 @@ def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats)
     return app
 
 
-__all__ = ["WorkerStats", "build_gate"]
+__all__ = ["GateServices", "WorkerStats", "build_gate", "gate_services"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from appliance.gate.exchange import flag
 from appliance.gate.responses import header, send_jsonrpc_error
 
 
@@ -35,10 +36,12 @@ class HostOriginCheck:
         headers = scope["headers"]
         host = (header(headers, b"host") or b"").decode("latin-1")
         if not host or not host_allowed(host, self.allowed_hosts):
+            flag(scope, "bad_host")
             await send_jsonrpc_error(send, 421, "Misdirected request: Host not allowed")
             return
         origin = header(headers, b"origin")
         if origin is not None and not host_allowed(origin.decode("latin-1"), self.allowed_origins):
+            flag(scope, "bad_origin")
             await send_jsonrpc_error(send, 403, "Forbidden: Origin not allowed")
             return
         await self.app(scope, receive, send)

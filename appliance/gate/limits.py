@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.gate.exchange import flag
 from appliance.gate.responses import header, send_jsonrpc_error
 
 
@@ -30,6 +31,7 @@ class BodyLimit:
                 await send_jsonrpc_error(send, 400, "Bad Content-Length")
                 return
             if too_big:
+                flag(scope, "oversize")
                 await send_jsonrpc_error(send, 413, f"Request body larger than {self.max_bytes} bytes")
                 return
         received = 0
@@ -53,5 +55,6 @@ class BodyLimit:
         try:
             await self.app(scope, limited_receive, watch_send)
         except BodyTooLarge:
+            flag(scope, "oversize")
             if not started:
                 await send_jsonrpc_error(send, 413, f"Request body larger than {self.max_bytes} bytes")

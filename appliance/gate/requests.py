@@ -12,6 +12,9 @@ from appliance.gate.stats import WorkerStats
 
 #: The id of the request being served, for log records (nginx's X-Request-ID when present).
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
+#: The principal and the (client-visible) session id of the request being served, for log records.
+principal_name: ContextVar[str | None] = ContextVar("principal_name", default=None)
+session_id: ContextVar[str | None] = ContextVar("session_id", default=None)
 
 
 class RequestContext:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ class WorkerStats:
     sessions_closed: int = 0
     #: While draining, the probe says so and nginx-facing health treats the worker as not ready.
     draining: bool = False
+    #: Set when draining starts (SIGUSR1 from an operation, or SIGTERM): open streams end.
+    drain_started: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def start_draining(self) -> None:
+        """Stop taking session work and let nginx's connections go (see gate/drain.py)."""
+        self.draining = True
+        self.drain_started.set()
 
     def snapshot(self) -> dict[str, object]:
         """The probe's JSON body."""

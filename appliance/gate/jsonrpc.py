@@ -1,0 +1,328 @@
+"""JSON-RPC on the wire: the request body parsed once per request, responses read as they stream.
+
+The body is read once, parsed once (policy, audit and metrics all use the result) and
+replayed to the hosted app as a single message. Responses may be plain JSON or an SSE
+stream; `MessageScanner` finds the JSON-RPC messages in either, and `BodyRewriter`
+changes them on the way out (used to filter list results).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.gate.exchange import exchange, flag
+from appliance.gate.responses import INVALID_REQUEST, header, send_json
+
+PARSE_ERROR = -32700
+#: Responses larger than this are passed through without being read (outcome by status only).
+SCAN_LIMIT = 8 * 1024 * 1024
+
+#: Methods whose params name a tool, prompt or resource: method -> (kind, params key).
+NAMED_METHODS: dict[str, tuple[str, str]] = {
+    "tools/call": ("tool", "name"),
+    "prompts/get": ("prompt", "name"),
+    "resources/read": ("resource", "uri"),
+    "resources/subscribe": ("resource", "uri"),
+    "resources/unsubscribe": ("resource", "uri"),
+}
+
+_MISSING: Any = object()
+
+
+@dataclass(slots=True)
+class RpcCall:
+    """The parts of a JSON-RPC message the gate acts on."""
+
+    method: str | None
+    id: Any = None
+    #: "tool", "prompt" or "resource" for methods that name one.
+    kind: str | None = None
+    name: str | None = None
+    arguments: Any = _MISSING
+    #: protocolVersion of an initialize request.
+    protocol_version: str | None = None
+    #: The members of a batch (then method is "batch").
+    batch: tuple[RpcCall, ...] = ()
+
+    @property
+    def is_request(self) -> bool:
+        """A request expects a response with its id (notifications and responses do not)."""
+        return self.method is not None and self.id is not None and not self.batch
+
+    @property
+    def has_arguments(self) -> bool:
+        return self.arguments is not _MISSING
+
+
+class RpcError(Exception):
+    """A body that is not JSON-RPC: the code and message for the error answer."""
+
+    def __init__(self, code: int, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def parse_body(body: bytes) -> RpcCall:
+    """The JSON-RPC message (or batch) in a request body; RpcError when it is not one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RpcError(PARSE_ERROR, "Parse error: the body is not valid JSON") from None
+    if isinstance(data, list):
+        if not data:
+            raise RpcError(INVALID_REQUEST, "Invalid request: empty batch")
+        return RpcCall(method="batch", batch=tuple(_message(item) for item in data))
+    return _message(data)
+
+
+def _message(data: Any) -> RpcCall:
+    if not isinstance(data, dict):
+        raise RpcError(INVALID_REQUEST, "Invalid request: a JSON-RPC message is a JSON object")
+    rid = data.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int, float))):
+        raise RpcError(INVALID_REQUEST, "Invalid request: id must be a string or a number")
+    if data.get("jsonrpc") != "2.0":
+        raise RpcError(INVALID_REQUEST, 'Invalid request: "jsonrpc" must be "2.0"', rid)
+    method = data.get("method", _MISSING)
+    if method is _MISSING:
+        if "result" not in data and "error" not in data:
+            raise RpcError(INVALID_REQUEST, "Invalid request: no method, result or error", rid)
+        return RpcCall(method=None, id=rid)  # a client's answer to a server request
+    if not isinstance(method, str) or not method:
+        raise RpcError(INVALID_REQUEST, "Invalid request: method must be a non-empty string", rid)
+    params = data.get("params")
+    if params is not None and not isinstance(params, (dict, list)):
+        raise RpcError(INVALID_REQUEST, "Invalid request: params must be an object or an array", rid)
+    call = RpcCall(method=method, id=rid)
+    if isinstance(params, dict):
+        named = NAMED_METHODS.get(method)
+        if named is not None:
+            call.kind = named[0]
+            value = params.get(named[1])
+            call.name = value if isinstance(value, str) else None
+            call.arguments = params.get("arguments", _MISSING)
+        elif method == "initialize":
+            version = params.get("protocolVersion")
+            call.protocol_version = version if isinstance(version, str) else None
+    return call
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body (None when the client went away first)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields `body` once, then whatever the client sends next (a disconnect)."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def send_rpc_error(send: Send, status: int, code: int, message: str, request_id: Any = None,
+                         data: Any = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A JSON-RPC error answer with the request's id (null when unknown)."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    body = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode()
+    await send_json(send, status, body, headers)
+
+
+class JsonRpcBody:
+    """Reads and parses the body of JSON POSTs to the MCP endpoint once; malformed ones get 400."""
+
+    def __init__(self, app: ASGIApp, path: str) -> None:
+        self.app = app
+        self.paths = {path, path.rstrip("/") + "/"}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        content_type = header(scope["headers"], b"content-type")
+        if content_type is None or not content_type.lower().startswith(b"application/json"):
+            await self.app(scope, receive, send)  # the app answers 415 in its own words
+            return
+        body = await read_body(receive)
+        if body is None:
+            return
+        try:
+            call = parse_body(body)
+        except RpcError as exc:
+            flag(scope, "malformed_jsonrpc")
+            await send_rpc_error(send, 400, exc.code, exc.message, exc.request_id)
+            return
+        ex = exchange(scope)
+        if ex is not None:
+            ex.rpc = call
+            if call.protocol_version and ex.protocol_version is None:
+                ex.protocol_version = call.protocol_version[:64]
+        await self.app(scope, replay(body, receive), send)
+
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE = re.compile(rb"\r\n|\n|\r")
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The data field of one SSE event (None when it has none)."""
+    data = [line[5:].removeprefix(b" ") for line in _LINE.split(event) if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
+
+
+def _loads(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def is_sse(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.lower().startswith(b"text/event-stream")
+
+
+def is_json(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.lower().startswith(b"application/json")
+
+
+class MessageScanner:
+    """Finds the JSON-RPC messages in a response body, plain JSON or SSE, chunk by chunk."""
+
+    def __init__(self, content_type: bytes | None) -> None:
+        self.sse = is_sse(content_type)
+        self.active = self.sse or is_json(content_type)
+        self.pending = b""
+
+    def feed(self, chunk: bytes, more: bool) -> list[Any]:
+        """The messages completed by `chunk` (the final chunk has more=False)."""
+        if not self.active:
+            return []
+        self.pending += chunk
+        if len(self.pending) > SCAN_LIMIT:
+            self.active = False
+            self.pending = b""
+            return []
+        if not self.sse:
+            if more:
+                return []
+            message, self.pending = _loads(self.pending), b""
+            return [message] if message is not None else []
+        messages = []
+        while True:
+            end = _EVENT_END.search(self.pending)
+            if end is None:
+                break
+            event, self.pending = self.pending[: end.start()], self.pending[end.end() :]
+            message = _loads(_event_data(event))
+            if message is not None:
+                messages.append(message)
+        return messages
+
+
+def response_to(message: Any, request_id: Any) -> tuple[str, bool] | None:
+    """("result" | "error", isError) when `message` answers request `request_id`."""
+    if not isinstance(message, dict) or message.get("id") != request_id:
+        return None
+    result = message.get("result")
+    if isinstance(result, dict):
+        return "result", result.get("isError") is True
+    if "error" in message:
+        return "error", False
+    return ("result", False) if "result" in message else None
+
+
+Edit = Callable[[Any], Any]
+
+
+class BodyRewriter:
+    """A send that passes the response on with its JSON-RPC messages replaced by `edit(message)`.
+
+    A JSON body is held until complete (its Content-Length changes); an SSE stream is
+    passed on event by event.
+    """
+
+    def __init__(self, send: Send, edit: Edit) -> None:
+        self.send = send
+        self.edit = edit
+        self.mode = "pass"
+        self.start: Message | None = None
+        self.pending = b""
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            content_type = header(message.get("headers", []), b"content-type")
+            if message["status"] == 200 and (is_json(content_type) or is_sse(content_type)):
+                self.mode = "sse" if is_sse(content_type) else "json"
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-length"]
+                message = {**message, "headers": headers}
+                if self.mode == "json":
+                    self.start = message
+                    return
+            await self.send(message)
+            return
+        if message["type"] != "http.response.body" or self.mode == "pass":
+            await self.send(message)
+            return
+        self.pending += message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.mode == "json":
+            if more:
+                return
+            body = self._edited_json(self.pending)
+            assert self.start is not None
+            start = {**self.start, "headers": [*self.start["headers"], (b"content-length", str(len(body)).encode())]}
+            await self.send(start)
+            await self.send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        out = []
+        while True:
+            end = _EVENT_END.search(self.pending)
+            if end is None:
+                break
+            out.append(self._edited_event(self.pending[: end.start()]) + end.group())
+            self.pending = self.pending[end.end() :]
+        if not more:
+            out.append(self.pending)
+            self.pending = b""
+        if out or not more:
+            await self.send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
+
+    def _edited_json(self, body: bytes) -> bytes:
+        message = _loads(body)
+        if message is None:
+            return body
+        return json.dumps(self.edit(message), separators=(",", ":"), ensure_ascii=False).encode()
+
+    def _edited_event(self, event: bytes) -> bytes:
+        message = _loads(_event_data(event))
+        if message is None:
+            return event
+        newline = b"\r\n" if b"\r\n" in event else b"\n"
+        lines = [line for line in _LINE.split(event) if not line.startswith(b"data:")]
+        lines.append(b"data: " + json.dumps(self.edit(message), separators=(",", ":"), ensure_ascii=False).encode())
+        return newline.join(lines)

@@ -1,0 +1,96 @@
+"""What the gate's layers share in one worker: the authenticator, policy, audit writer and metrics.
+
+Made once at worker start (files are opened here, never per request).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import keys
+from appliance.config import ConfigError, Settings
+from appliance.gate.audit import AuditRecorder, AuditWriter, audit_dir
+from appliance.gate.auth import Authenticator, load_authenticator
+from appliance.gate.metrics import RequestMetrics
+from appliance.gate.outcome import Sink
+from appliance.gate.policy import Policy
+from appliance.metrics import GateMetrics, multiproc_dir, reset_multiproc_dir
+
+
+@dataclass
+class GateServices:
+    """The per-worker objects the gate layers use."""
+
+    authenticator: Authenticator
+    policy: Policy
+    metrics: GateMetrics
+    audit: AuditWriter | None
+
+    def sinks(self, index: int, raw_arguments: bool) -> list[Sink]:
+        """Where a finished request's record goes: the audit trail (when on), then the metrics."""
+        sinks: list[Sink] = []
+        if self.audit is not None:
+            sinks.append(AuditRecorder(self.audit, index, raw_arguments))
+        sinks.append(RequestMetrics(self.metrics))
+        return sinks
+
+
+def gate_services(settings: Settings, index: int) -> GateServices:
+    """Load credentials and open the audit file for worker `index`; ConfigError when unusable."""
+    audit = None
+    if settings.audit.enabled:
+        audit = AuditWriter(audit_dir(settings.log_dir) / f"worker-{index:02d}.jsonl", settings.audit)
+    return GateServices(
+        authenticator=load_authenticator(settings),
+        policy=Policy(settings.policy),
+        metrics=GateMetrics(index),
+        audit=audit,
+    )
+
+
+def check_gate(settings: Settings) -> None:
+    """Everything the gate will need can be loaded: credentials, TLS files; ConfigError naming the key."""
+    load_authenticator(settings)
+    if settings.tls.enabled:
+        for key in ("cert_file", "key_file"):
+            path = getattr(settings.tls, key)
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"'tls.{key}' = '{path}': not readable")
+    if settings.admin.token_file:
+        keys.read_admin_token(settings)
+
+
+def _readable_by(path: Path, user: pwd.struct_passwd) -> bool:
+    """Whether `user` (by owner, group or other bits) may read `path`."""
+    st = path.stat()
+    groups = {user.pw_gid, *(g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem)}
+    return bool((st.st_uid == user.pw_uid and st.st_mode & 0o400) or (st.st_gid in groups and st.st_mode & 0o040)
+                or st.st_mode & 0o004)
+
+
+def preflight_gate(settings: Settings, as_root: bool) -> None:
+    """Before `run` starts anything: check the gate's files, write the admin token, empty the metrics files."""
+    check_gate(settings)
+    keys.ensure_admin_token(settings, as_root)
+    owner = None
+    if as_root:
+        user = pwd.getpwnam(settings.user)
+        owner = (user.pw_uid, user.pw_gid)
+        # The workers and the admin app read these as the service user, not as root.
+        needed = {"api_keys": [("auth.keys_file", settings.auth.keys_file)],
+                  "jwt": [("auth.jwt_key_file", settings.auth.jwt_key_file)]}.get(settings.auth.mode, [])
+        if settings.admin.token_file:
+            needed.append(("admin.token_file", Path(settings.admin.token_file)))
+        for key, path in needed:
+            if not _readable_by(path, user):
+                raise ConfigError(f"'{key}' = '{path}': not readable by the service user {settings.user!r} "
+                                  f"(e.g. chgrp {settings.user} {path} && chmod 640 {path})")
+    reset_multiproc_dir(multiproc_dir(settings.run_dir), owner)
+    audit = audit_dir(settings.log_dir)
+    audit.mkdir(exist_ok=True)
+    if owner is not None:
+        os.chown(audit, *owner)

@@ -1,0 +1,96 @@
+"""nginx's worker pool, changed without reloading nginx: slots that are symlinks to worker sockets.
+
+Every worker also listens on a unix socket `<run_dir>/workers/worker-KK.sock`. nginx's
+`mcp_pool` upstream lists a fixed set of SLOTS unix sockets `<run_dir>/pool/slot-JJ.sock`,
+each a symlink to the socket of a serving worker. nginx resolves the path at every new
+upstream connection, so re-pointing a slot (an atomic rename) moves new connections to
+another worker at once: scaling, draining and restarting a worker never reload nginx.
+
+Why not reload nginx: a graceful reload closes every idle client keep-alive connection,
+and a request that a client sends on such a connection at that instant is reset. For a
+POST nobody can tell whether it ran (nginx/nginx#437). Re-pointing a symlink has no such
+window.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+#: Servers in nginx's pool. More slots than workers spread the load evenly over any worker
+#: count up to 64 (the most `workers.count` allows): worker shares differ by at most one slot.
+SLOTS = 64
+#: Session routing entries nginx knows: every worker index `workers.count` may reach.
+MAX_WORKERS = 64
+#: Seconds nginx keeps an idle connection to a worker. A draining worker never closes an idle
+#: connection itself (nginx could be sending a request on it that instant); it waits this
+#: long for nginx to close them.
+UPSTREAM_IDLE_TIMEOUT = 4
+
+
+def workers_dir(run_dir: Path) -> Path:
+    """Where the workers' unix sockets live."""
+    return run_dir / "workers"
+
+
+def pool_dir(run_dir: Path) -> Path:
+    """Where the slot symlinks live."""
+    return run_dir / "pool"
+
+
+def worker_socket(run_dir: Path, index: int) -> Path:
+    """The unix socket worker `index` listens on (besides its loopback TCP port)."""
+    return workers_dir(run_dir) / f"worker-{index:02d}.sock"
+
+
+def slot_path(run_dir: Path, slot: int) -> Path:
+    """The path nginx connects to for pool slot `slot`."""
+    return pool_dir(run_dir) / f"slot-{slot:02d}.sock"
+
+
+def spread(workers: Sequence[int]) -> list[int]:
+    """Which worker each slot points to: round-robin over `workers` (sorted)."""
+    if not workers:
+        raise ValueError("a pool needs at least one worker")
+    ordered = sorted(set(workers))
+    return [ordered[j % len(ordered)] for j in range(SLOTS)]
+
+
+def assign(run_dir: Path, workers: Iterable[int]) -> None:
+    """Point the slots at `workers`; each slot changes atomically (new connections only)."""
+    directory = pool_dir(run_dir)
+    for slot, worker in enumerate(spread(list(workers))):
+        target = os.path.relpath(worker_socket(run_dir, worker), directory)
+        link = slot_path(run_dir, slot)
+        try:
+            if os.readlink(link) == target:
+                continue
+        except OSError:
+            pass  # missing (first start) or not a link: replace it
+        tmp = directory / f".slot-{slot:02d}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+
+def members(run_dir: Path) -> set[int]:
+    """The workers that slots point to now."""
+    found = set()
+    for slot in range(SLOTS):
+        try:
+            name = Path(os.readlink(slot_path(run_dir, slot))).name
+        except OSError:
+            continue
+        if name.startswith("worker-") and name.endswith(".sock"):
+            found.add(int(name[len("worker-") : -len(".sock")]))
+    return found
+
+
+def prepare(run_dir: Path, workers: Iterable[int], owner: tuple[int, int] | None = None) -> None:
+    """Create the socket and slot directories (owned by `owner` uid/gid) and point the slots."""
+    for directory in (workers_dir(run_dir), pool_dir(run_dir)):
+        directory.mkdir(parents=True, exist_ok=True)
+        if owner:
+            os.chown(directory, *owner)
+    assign(run_dir, workers)

@@ -1,0 +1,182 @@
+"""What the gate costs: one worker process, the same hosted app with and without the gate, one run.
+
+The server process (this script with --serve) mounts one MCPServer three times:
+  /raw   the hosted app alone (gate off);
+  /core  the gate with auth "none", no policy rules, no audit (request id, host check,
+         body limit, session tags, outcome and metrics);
+  /full  the whole gate: API key, session binding, one-parse JSON-RPC, tool policy with a
+         matching rule, audit record (fsync "interval"), metrics (multiprocess files).
+wrk then sends the same 2026-07-28 tools/call (a trivial `add` tool) to each path in
+alternating rounds, so all three share the process, the machine and the time.
+
+Usage: python bench/gate_overhead.py [--seconds 5] [--rounds 3] [--connections 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import psutil  # noqa: E402
+from quick_figures import wrk, wrk_script  # noqa: E402
+
+from tests.integration.clients import modern_request  # noqa: E402
+
+PATHS = ("raw", "core", "full")
+SCOPE = "bench:call"
+
+
+def serve(port: int, directory: Path) -> None:
+    """The server side: one hypercorn process (uvloop) with the three mounts."""
+    import uvloop
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+    from mcp.server.mcpserver import MCPServer
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    from appliance.config import AuditSettings, AuthSettings, PolicySettings, Settings
+    from appliance.gate import GateServices, WorkerStats, build_gate
+    from appliance.gate.audit import AuditWriter, audit_dir
+    from appliance.gate.auth import ApiKeys, NoAuth
+    from appliance.gate.policy import Policy
+    from appliance.metrics import GateMetrics
+
+    server = MCPServer("bench")
+
+    @server.tool()
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    hosted = server.streamable_http_app(
+        streamable_http_path="/mcp", transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+    full_settings = Settings(
+        log_dir=directory, run_dir=directory,
+        auth=AuthSettings(mode="api_keys", keys_file=directory / "keys.json"),
+        policy=PolicySettings(rules=(f"tool:add = {SCOPE}",)),
+        audit=AuditSettings(fsync="interval"),
+    )
+    core_settings = dataclasses.replace(full_settings, auth=AuthSettings(), policy=PolicySettings(rules=()),
+                                        audit=AuditSettings(enabled=False))
+    full = build_gate(hosted, full_settings, 0, WorkerStats(index=0), GateServices(
+        ApiKeys(directory / "keys.json"), Policy(full_settings.policy), GateMetrics(0),
+        AuditWriter(audit_dir(directory) / "worker-00.jsonl", full_settings.audit)))
+    core = build_gate(hosted, core_settings, 1, WorkerStats(index=1), GateServices(
+        NoAuth(("*",)), Policy(core_settings.policy), GateMetrics(1), None))
+    mounts = {"/raw": hosted, "/core": core, "/full": full}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await hosted(scope, receive, send)  # lifespan: the session manager runs once
+            return
+        target = mounts[scope["path"]]
+        await target({**scope, "path": "/mcp", "raw_path": b"/mcp"}, receive, send)
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.keep_alive_timeout = 75.0
+    uvloop.run(hypercorn_serve(app, config))  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def measure(seconds: int, rounds: int, connections: int) -> dict[str, Any]:
+    from appliance import keys
+
+    directory = Path(tempfile.mkdtemp(prefix="gate-bench-"))
+    _, key = keys.add_key(directory / "keys.json", "bench", [SCOPE], None)
+    port = free_port()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory / "metrics")}
+    (directory / "metrics").mkdir()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(directory)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("bench server did not start") from None
+                time.sleep(0.1)
+        headers, body = modern_request("tools/call", "add", {"name": "add", "arguments": {"a": 1, "b": 2}})
+        script = wrk_script(directory, body, {**headers, "Authorization": f"Bearer {key}"})
+        for path in PATHS:  # warm up, and prove every path answers 200
+            result = wrk(f"http://127.0.0.1:{port}/{path}", script, 1, connections)
+            assert result["non_2xx"] == 0, (path, result)
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
+        server = psutil.Process(proc.pid)
+        for _ in range(rounds):
+            for path in PATHS:
+                before = server.cpu_times()
+                result = wrk(f"http://127.0.0.1:{port}/{path}", script, seconds, connections)
+                after = server.cpu_times()
+                # CPU the server spent per request: robust when other processes share the cores.
+                cpu = (after.user + after.system) - (before.user + before.system)
+                result["cpu_us_per_request"] = cpu * 1e6 / (result["requests_per_s"] * seconds)
+                runs[path].append(result)
+        audit_lines = sum(1 for _ in (directory / "audit" / "worker-00.jsonl").open())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    summary: dict[str, Any] = {"seconds": seconds, "rounds": rounds, "connections": connections,
+                               "audit_lines": audit_lines}
+    for path in PATHS:
+        rps = statistics.median(r["requests_per_s"] for r in runs[path])
+        summary[path] = {"requests_per_s": rps, "us_per_request": 1e6 / rps,
+                         "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in runs[path]),
+                         "p50": [r["p50"] for r in runs[path]], "p99": [r["p99"] for r in runs[path]],
+                         "non_2xx": sum(r["non_2xx"] for r in runs[path])}
+    raw = summary["raw"]["us_per_request"]
+    for path in ("core", "full"):
+        summary[path]["overhead_us"] = summary[path]["us_per_request"] - raw
+        summary[path]["cpu_overhead_us"] = summary[path]["cpu_us_per_request"] - summary["raw"]["cpu_us_per_request"]
+        summary[path]["throughput_vs_raw"] = summary[path]["requests_per_s"] / summary["raw"]["requests_per_s"]
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    if args.serve:
+        serve(int(args.serve[0]), Path(args.serve[1]))
+        return
+    summary = measure(args.seconds, args.rounds, args.connections)
+    print(f"{'path':<6} {'req/s':>9} {'µs/req':>8} {'overhead µs':>12} {'vs raw':>7} {'CPU µs/req':>11} "
+          f"{'CPU overhead':>13}  p50 / p99 per round")
+    for path in PATHS:
+        s = summary[path]
+        extra = f"{s.get('overhead_us', 0):>12.1f} {s.get('throughput_vs_raw', 1):>7.2f}"
+        cpu = f"{s['cpu_us_per_request']:>11.1f} {s.get('cpu_overhead_us', 0):>13.1f}"
+        print(f"{path:<6} {s['requests_per_s']:>9.0f} {s['us_per_request']:>8.1f} {extra} {cpu}  "
+              f"{' '.join(map(str, s['p50']))} / {' '.join(map(str, s['p99']))}")
+    print(f"audit lines written by /full: {summary['audit_lines']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

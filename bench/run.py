@@ -1,0 +1,463 @@
+"""The benchmark: the appliance against the one bare MCP process a user would otherwise run.
+
+One command, one machine, one run; prints a Markdown report and writes it to --out:
+  1. the baseline: the default notes server alone on hypercorn (no nginx, no gate);
+  2. the appliance with N workers (default: the CPU count), started with `mcp-appliance run`;
+  3. the same wrk load against both: (a) 2026-07-28 tool calls, (b) legacy stateless tool
+     calls (a second baseline / appliance with sessions off), (c) legacy sessions
+     (initialize once per connection, then tool calls in the session);
+  4. requests/s, p50/p99, errors, the RSS of every process, cold start to ready, ratios;
+  5. the gate's cost (one worker with the gate against the baseline process), latency added
+     by nginx + gate at a moderate, paced load, what a legacy session costs against
+     stateless calls (time and memory per 1,000 open sessions);
+  6. kill -9 of a worker (time until it serves again) and a rolling reload under wrk load.
+
+Usage: python -m bench.run [--workers N] [--duration 10] [--connections 32] [--out bench/RESULTS.md]
+Needs wrk (Debian: apt-get install wrk); everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.harness starts appliances the way the tests do
+
+from appliance import pool  # noqa: E402
+from appliance.config import load_settings  # noqa: E402
+from appliance.gate.services import preflight_gate  # noqa: E402
+from appliance.health import worker_process_name  # noqa: E402
+from appliance.preflight import prepare_dirs  # noqa: E402
+from bench import wrk  # noqa: E402
+from tests.harness import Appliance, cleanup, free_port_block, new_appliance, to_toml, wait_until  # noqa: E402
+from tests.integration.clients import modern_request  # noqa: E402
+from tests.integration.load import RawSession  # noqa: E402
+
+TOOL, ARGUMENTS = "get_note", {"id": 1}  # a small read of the notes database
+MODERATE_CONNECTIONS, MODERATE_RATE = 4, 50.0  # 4 connections x 50 req/s = 200 req/s, paced
+SESSIONS_HELD = 1000
+
+
+# -- the processes under test ------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """One process (tree) serving MCP on `url`, with its cold start."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+    appliance: Appliance | None = None
+    cold_start_s: float = 0.0
+    all_ready_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def processes(self) -> list[tuple[str, psutil.Process]]:
+        """(name, process) of everything this server runs."""
+        if self.appliance is not None:
+            return appliance_processes(self.appliance)
+        assert self.proc is not None
+        return [(self.name, psutil.Process(self.proc.pid))]
+
+
+def call_ok(url: str, tool: str = TOOL, arguments: dict[str, Any] | None = None) -> bool:
+    headers, body = modern_request("tools/call", tool, {"name": tool, "arguments": arguments or ARGUMENTS})
+    try:
+        response = httpx2.post(url, content=body, headers=headers, timeout=5, trust_env=False)
+    except httpx2.HTTPError:
+        return False
+    return response.status_code == 200 and '"isError":false' in response.text
+
+
+def seed(url: str) -> None:
+    """Note 1, which the benchmark's get_note calls read."""
+    assert call_ok(url, "add_note", {"title": "benchmark", "body": "a note to read", "tags": ["bench"]})
+    assert call_ok(url), "get_note 1 after add_note"
+
+
+@contextlib.contextmanager
+def baseline(name: str, stateless: bool = False) -> Iterator[Server]:
+    """The hosted app alone: `python -m bench.baseline`."""
+    port = free_port_block(1)
+    data = Path(tempfile.mkdtemp(prefix="mcp-bench-baseline-"))
+    argv = [sys.executable, "-m", "bench.baseline", "--port", str(port), "--data-dir", str(data)]
+    started = time.monotonic()
+    proc = subprocess.Popen(argv + (["--stateless"] if stateless else []), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server(name, f"http://127.0.0.1:{port}/mcp", proc=proc)
+    try:
+        wait_until(lambda: call_ok(server.url, "list_notes", {}), 60, f"{name} answers", interval=0.02)
+        server.cold_start_s = server.all_ready_s = time.monotonic() - started
+        seed(server.url)
+        yield server
+    finally:
+        stop(proc)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def gate_worker() -> Iterator[Server]:
+    """One appliance worker (gate + hosted app on hypercorn) alone: no nginx, no supervisord."""
+    app = new_appliance(1)
+    app.config_path.write_text(to_toml(app.settings))
+    settings = load_settings(app.config_path, {})
+    prepare_dirs(settings, as_root=False)
+    preflight_gate(settings, as_root=False)
+    pool.prepare(settings.run_dir, [0])
+    argv = [sys.executable, "-m", "appliance", "--config", str(app.config_path), "worker", "--index", "0"]
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=app.base, env={**os.environ, "MCP_APPLIANCE_DATA_DIR": str(settings.data_dir)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server("worker with gate", f"http://127.0.0.1:{settings.worker_port(0)}/mcp", proc=proc)
+    try:
+        wait_until(lambda: call_ok(server.url, "list_notes", {}), 60, "gate worker answers", interval=0.02)
+        server.cold_start_s = server.all_ready_s = time.monotonic() - started
+        seed(server.url)
+        yield server
+    finally:
+        stop(proc)
+        shutil.rmtree(app.base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def appliance(workers: int, **overrides: Any) -> Iterator[Server]:
+    """`mcp-appliance run` with `workers` workers."""
+    app = new_appliance(workers, **overrides)
+    started = time.monotonic()
+    app.start()
+    server = Server(f"appliance N={workers}", app.mcp_url, appliance=app)
+    try:
+        wait_until(lambda: call_ok(app.mcp_url, "list_notes", {}), 60, "appliance answers", interval=0.02)
+        server.cold_start_s = time.monotonic() - started
+        app.wait_healthy(timeout=60, workers=workers)
+        server.all_ready_s = time.monotonic() - started
+        seed(app.mcp_url)
+        yield server
+    finally:
+        cleanup(app)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def appliance_processes(app: Appliance) -> list[tuple[str, psutil.Process]]:
+    """supervisord and every process under it, by supervisord's program names (nginx: master + workers)."""
+    assert app.proc is not None
+    root = psutil.Process(app.proc.pid)  # `run` exec'd supervisord
+    names = {p.pid: p.name for p in app.supervisor.processes()}
+    found = [("supervisord", root)]
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            found.append((names.get(child.pid) or child.name() + " (" + " ".join(child.cmdline()[1:3]) + ")", child))
+    return found
+
+
+def rss_mib(server: Server) -> list[tuple[str, float]]:
+    rows = []
+    for name, proc in server.processes():
+        with contextlib.suppress(psutil.Error):
+            rows.append((name, proc.memory_info().rss / 2**20))
+    return sorted(rows)
+
+
+# -- measurements ----------------------------------------------------------------------
+
+
+def load(server: Server, kind: str, args: argparse.Namespace, rate: float | None = None,
+         connections: int | None = None) -> wrk.Figures:
+    wrk.run(server.url, kind, 2, connections or args.connections, TOOL, ARGUMENTS, rate=rate)  # warm-up
+    figures = wrk.run(server.url, kind, args.duration, connections or args.connections, TOOL, ARGUMENTS, rate=rate)
+    print(f"  {server.name:<28} {kind:<9} {figures.rps:8.0f} req/s  p50 {figures.p50_ms:6.2f} ms  "
+          f"p99 {figures.p99_ms:6.2f} ms  errors {figures.errors}", flush=True)
+    return figures
+
+
+def session_memory(server: Server, sessions: int) -> dict[str, float]:
+    """Workers' RSS growth per open legacy session (each with its GET stream, like the SDK client)."""
+    assert server.appliance is not None
+    app = server.appliance
+
+    def workers_rss() -> float:
+        return sum(rss for name, rss in rss_mib(server) if name.startswith("worker-"))
+
+    before = workers_rss()
+
+    async def hold() -> float:
+        limits = httpx2.Limits(max_connections=sessions + 100, max_keepalive_connections=100)
+        async with httpx2.AsyncClient(trust_env=False, limits=limits, timeout=httpx2.Timeout(60, read=None)) as client:
+            opened = [RawSession(client, app.mcp_url, n) for n in range(sessions)]
+            done, gate = anyio.Event(), anyio.Semaphore(100)
+            async with anyio.create_task_group() as streams:
+
+                async def open_one(session: RawSession) -> None:
+                    async with gate:
+                        await session.open()
+                        streams.start_soon(session.hold_stream, done)
+                        await session.stream_open.wait()
+                        await session.call(0)
+
+                async with anyio.create_task_group() as tg:
+                    for session in opened:
+                        tg.start_soon(open_one, session)
+                after = await anyio.to_thread.run_sync(workers_rss)
+                done.set()
+            for session in opened:
+                async with gate:
+                    await session.close()
+            return after
+
+    after = anyio.run(hold)
+    return {"sessions": sessions, "before_mib": before, "after_mib": after,
+            "per_session_kib": (after - before) * 1024 / sessions, "per_1000_mib": (after - before) * 1000 / sessions}
+
+
+def kill_restart(server: Server) -> dict[str, float]:
+    """kill -9 of worker 0: seconds until supervisord respawned it, and until it serves again."""
+    assert server.appliance is not None
+    app = server.appliance
+    name = worker_process_name(0)
+    old = app.worker_pid(0)
+    probe = f"http://127.0.0.1:{app.settings['workers']['base_port']}/_appliance/health"
+    started = time.monotonic()
+    os.kill(old, signal.SIGKILL)  # a worker of the appliance this benchmark started
+    wait_until(lambda: app.supervisor.process(name).pid not in (0, old), 30, "respawned", interval=0.005)
+    respawned = time.monotonic() - started
+
+    def serving() -> bool:
+        response = httpx2.get(probe, timeout=1, trust_env=False)
+        return response.status_code == 200 and response.json()["pid"] not in (old,)
+
+    wait_until(serving, 30, "serving again", interval=0.01)
+    return {"respawned_s": respawned, "serving_s": time.monotonic() - started}
+
+
+def reload_under_load(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    """A rolling reload while wrk sends 2026-07-28 calls: its duration and wrk's error count."""
+    assert server.appliance is not None
+    app = server.appliance
+    seconds = 12 + 8 * app.settings["workers"]["count"]
+    result: dict[str, Any] = {}
+
+    def run_wrk() -> None:
+        result["wrk"] = wrk.run(server.url, "modern", seconds, args.connections, TOOL, ARGUMENTS)
+
+    thread = threading.Thread(target=run_wrk)
+    thread.start()
+    time.sleep(2)
+    started = time.monotonic()
+    out = app.command("reload", timeout=300)
+    result["reload_s"] = time.monotonic() - started
+    result["reload_ok"] = out.returncode == 0
+    thread.join()
+    return result
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().removeprefix("nginx version: ")
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0].strip()
+    return {
+        "CPUs (nproc)": str(os.cpu_count()), "CPU model": cpu,
+        "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "kernel": platform.release(), "Python": platform.python_version(), "nginx": nginx,
+        "mcp SDK": version("mcp"), "hypercorn": version("hypercorn"), "load generator": wrk_version,
+    }
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def report(m: dict[str, Any], args: argparse.Namespace) -> str:
+    n = args.workers
+    lines = ["# mcp-appliance benchmark", "",
+             f"One run of `python -m bench.run --workers {n} --duration {args.duration} --connections {args.connections}` "
+             f"({time.strftime('%Y-%m-%d')}). The load generator (wrk) shares the machine's CPUs with the servers.", "",
+             "## Machine", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in m["machine"].items()]
+    lines += ["", f"## Throughput and latency (wrk, {args.connections} connections, {args.duration} s per run, "
+              f"tools/call `{TOOL}`)", "",
+              f"| traffic | baseline req/s | p50 ms | p99 ms | errors | appliance N={n} req/s | p50 ms | p99 ms | errors | appliance / baseline |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, key in (("(a) 2026-07-28 calls", "modern"), ("(b) legacy stateless calls", "stateless"),
+                       ("(c) legacy sessions", "sessions")):
+        b, a = m["baseline"][key], m["appliance"][key]
+        lines.append(f"| {label} | {b.rps:.0f} | {b.p50_ms:.2f} | {b.p99_ms:.2f} | {b.errors} | {a.rps:.0f} | "
+                     f"{a.p50_ms:.2f} | {a.p99_ms:.2f} | {a.errors} | {ratio(a.rps, b.rps)} |")
+    lines += ["", "(c) counts initialize + initialized once per connection; the sessions scenario runs one wrk thread per "
+              "connection so that each connection keeps its own session.", ""]
+
+    g = m["gate"]
+    lines += ["## What the gate costs (one process, saturated, (a) 2026-07-28 calls)", "",
+              "| process | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|",
+              f"| baseline: hosted app alone | {m['baseline']['modern'].rps:.0f} | {m['baseline']['modern'].p50_ms:.2f} | "
+              f"{m['baseline']['modern'].p99_ms:.2f} | {m['baseline']['modern'].errors} |",
+              f"| appliance worker: gate + hosted app | {g['modern'].rps:.0f} | {g['modern'].p50_ms:.2f} | "
+              f"{g['modern'].p99_ms:.2f} | {g['modern'].errors} |",
+              "", f"Gate on / off: {ratio(g['modern'].rps, m['baseline']['modern'].rps)} of the throughput "
+              "(default settings: request id, host check, body limit, session tags, auth mode none, policy, audit "
+              "record per call, metrics).", ""]
+
+    mb, mg, ma = m["moderate"]["baseline"], m["moderate"]["gate"], m["moderate"]["appliance"]
+    lines += [f"## Latency at a moderate load ({MODERATE_CONNECTIONS} connections, each paced at {MODERATE_RATE:.0f} "
+              f"req/s: {MODERATE_CONNECTIONS * MODERATE_RATE:.0f} req/s in all, (a) 2026-07-28 calls)", "",
+              "wrk has no rate limit of its own; the scripts pace each connection with wrk's `delay()` hook "
+              "(like wrk2 but without its coordinated-omission correction).", "",
+              "| path | req/s | p50 ms | p90 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
+    for label, f in (("baseline: hosted app alone", mb), ("one worker with the gate", mg),
+                     (f"appliance N={n}: nginx + gate + worker", ma)):
+        lines.append(f"| {label} | {f.rps:.0f} | {f.p50_ms:.2f} | {f.p90_ms:.2f} | {f.p99_ms:.2f} | {f.errors} |")
+    lines += ["", f"Added by nginx + gate: p50 {ma.p50_ms - mb.p50_ms:+.2f} ms, p99 {ma.p99_ms - mb.p99_ms:+.2f} ms "
+              f"(the gate alone: p99 {mg.p99_ms - mb.p99_ms:+.2f} ms).", ""]
+
+    s = m["sessions_memory"]
+    lines += ["## Legacy sessions against stateless calls", "",
+              f"- Throughput: sessions {m['appliance']['sessions'].rps:.0f} req/s against stateless "
+              f"{m['appliance']['stateless'].rps:.0f} req/s through the appliance "
+              f"({ratio(m['appliance']['sessions'].rps, m['appliance']['stateless'].rps)}); baseline "
+              f"{ratio(m['baseline']['sessions'].rps, m['baseline']['stateless'].rps)}.",
+              f"- Memory: {s['sessions']} open sessions (each with its GET stream, as the SDK client keeps one) grew "
+              f"the workers' RSS from {s['before_mib']:.0f} to {s['after_mib']:.0f} MiB: "
+              f"**{s['per_session_kib']:.0f} KiB per session, {s['per_1000_mib']:.0f} MiB per 1,000 sessions**.", ""]
+
+    lines += ["## Memory (RSS) of every process, after the load", ""]
+    for title, rows in m["rss"].items():
+        total = sum(r for _, r in rows)
+        lines += [f"**{title}** ({total:.0f} MiB in all)", "", "| process | RSS MiB |", "|---|---:|"]
+        lines += [f"| {name} | {r:.1f} |" for name, r in rows]
+        lines.append("")
+
+    lines += ["## Cold start", "", "| server | first answer s | all workers ready s |", "|---|---:|---:|"]
+    for name, (first, ready) in m["cold_start"].items():
+        lines.append(f"| {name} | {first:.2f} | {ready:.2f} |")
+    k, r = m["kill"], m["reload"]
+    lines += ["", "## Faults and operations", "",
+              f"- kill -9 of a worker: supervisord respawned it after {k['respawned_s']:.2f} s; it answered its probe "
+              f"again after **{k['serving_s']:.2f} s**.",
+              f"- Rolling reload of N={n} under wrk load ({args.connections} connections): {r['reload_s']:.1f} s "
+              f"({'ok' if r['reload_ok'] else 'FAILED'}); wrk saw {r['wrk'].requests} calls, "
+              f"**{r['wrk'].errors} errors**, {r['wrk'].rps:.0f} req/s on average during it.", ""]
+
+    lines += ["## Targets (2 CPUs)", "", "| target | measured | met |", "|---|---|---|"]
+    for name, measured, met in m["targets"]:
+        lines.append(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def targets(m: dict[str, Any], n: int) -> list[tuple[str, str, bool]]:
+    a, b = m["appliance"], m["baseline"]
+    ra, rb = a["modern"].rps / b["modern"].rps, a["stateless"].rps / b["stateless"].rps
+    rc = a["sessions"].rps / a["stateless"].rps
+    added = m["moderate"]["appliance"].p99_ms - m["moderate"]["baseline"].p99_ms
+    worker_rss = max(r for name, r in m["rss"][f"appliance N={n}"] if name.startswith("worker-"))
+    n4 = sum(r for _, r in m["rss"]["appliance N=4"])
+    return [
+        (f"appliance N={n} / baseline, (a) 2026-07-28 >= 1.7x", f"{ra:.2f}x", ra >= 1.7),
+        (f"appliance N={n} / baseline, (b) legacy stateless >= 1.7x", f"{rb:.2f}x", rb >= 1.7),
+        ("(c) sessions >= 0.9x of (b) stateless, through the appliance", f"{rc:.2f}x", rc >= 0.9),
+        ("p99 added by nginx + gate at moderate load <= 2 ms", f"{added:+.2f} ms", added <= 2.0),
+        ("worker RSS <= 80 MiB", f"{worker_rss:.1f} MiB", worker_rss <= 80),
+        ("whole appliance N=4 <= 450 MiB", f"{n4:.0f} MiB", n4 <= 450),
+        ("cold start to ready, N=4 <= 4 s", f"{m['cold_start']['appliance N=4'][1]:.2f} s",
+         m["cold_start"]["appliance N=4"][1] <= 4.0),
+        ("kill -9 of a worker: serving again <= 2 s", f"{m['kill']['serving_s']:.2f} s", m["kill"]["serving_s"] <= 2.0),
+        ("rolling reload under load: zero failed calls", str(m["reload"]["wrk"].errors), m["reload"]["wrk"].errors == 0),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="appliance workers (default: CPU count)")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections for the saturating runs (default 32)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"), help="the Markdown report (default bench/RESULTS.md)")
+    parser.add_argument("--json", help="also write the raw figures here")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    n = args.workers
+    m: dict[str, Any] = {"machine": machine(), "baseline": {}, "appliance": {}, "gate": {}, "moderate": {},
+                         "rss": {}, "cold_start": {}}
+    print(json.dumps(m["machine"]), flush=True)
+
+    with baseline("baseline (stateful)") as srv:
+        m["cold_start"]["baseline: hosted app alone"] = (srv.cold_start_s, srv.all_ready_s)
+        m["baseline"]["modern"] = load(srv, "modern", args)
+        m["baseline"]["sessions"] = load(srv, "sessions", args)
+        m["moderate"]["baseline"] = load(srv, "modern", args, MODERATE_RATE, MODERATE_CONNECTIONS)
+        m["rss"]["baseline: hosted app alone"] = rss_mib(srv)
+    with baseline("baseline (stateless)", stateless=True) as srv:
+        m["baseline"]["stateless"] = load(srv, "stateless", args)
+
+    with gate_worker() as srv:
+        m["cold_start"]["one worker with the gate"] = (srv.cold_start_s, srv.all_ready_s)
+        m["gate"]["modern"] = load(srv, "modern", args)
+        m["moderate"]["gate"] = load(srv, "modern", args, MODERATE_RATE, MODERATE_CONNECTIONS)
+
+    with appliance(n) as srv:
+        m["cold_start"][f"appliance N={n}"] = (srv.cold_start_s, srv.all_ready_s)
+        m["appliance"]["modern"] = load(srv, "modern", args)
+        m["appliance"]["sessions"] = load(srv, "sessions", args)
+        m["moderate"]["appliance"] = load(srv, "modern", args, MODERATE_RATE, MODERATE_CONNECTIONS)
+        m["rss"][f"appliance N={n}"] = rss_mib(srv)
+        m["sessions_memory"] = session_memory(srv, SESSIONS_HELD)
+        print(f"  sessions: {m['sessions_memory']['per_session_kib']:.0f} KiB each", flush=True)
+        m["kill"] = kill_restart(srv)
+        print(f"  kill -9: serving again after {m['kill']['serving_s']:.2f} s", flush=True)
+        srv.appliance.wait_healthy(timeout=60, workers=n)  # type: ignore[union-attr]
+        m["reload"] = reload_under_load(srv, args)
+        print(f"  reload: {m['reload']['reload_s']:.1f} s, wrk errors {m['reload']['wrk'].errors}", flush=True)
+    with appliance(n, mcp={"sessions": False}) as srv:
+        m["appliance"]["stateless"] = load(srv, "stateless", args)
+
+    if n == 4:
+        m["cold_start"]["appliance N=4"] = m["cold_start"][f"appliance N={n}"]
+    with appliance(4) as srv:
+        m["cold_start"]["appliance N=4"] = (srv.cold_start_s, srv.all_ready_s)
+        load(srv, "modern", args)  # warm, as in service
+        m["rss"]["appliance N=4"] = rss_mib(srv)
+
+    m["targets"] = targets(m, n)
+    text = report(m, args)
+    print("\n" + text)
+    Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(m, default=lambda o: o.__dict__, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on Debian 12, then run all of it.
+# Needs root: it installs Debian packages, creates the service user and boots a
+# throw-away Debian host with systemd-nspawn for the deploy test.
+#   sudo bash scripts/test.sh [pytest args…]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: run as root (sudo bash scripts/test.sh): it installs packages and boots a test host" >&2
+    exit 2
+fi
+
+TEST_VENV=${MCP_APPLIANCE_TEST_VENV:-/opt/mcp-appliance-test}
+export MCP_APPLIANCE_TOOLS_VENV=${MCP_APPLIANCE_TOOLS_VENV:-/opt/mcp-appliance-tools}
+
+echo "== Debian packages"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends \
+    nginx-light wrk python3 python3-venv python3-pip ca-certificates curl \
+    debootstrap systemd-container iproute2 util-linux tini shellcheck openssl >/dev/null
+
+# The appliance runs nginx itself (under supervisord); Debian's own nginx service is not ours to use.
+getent passwd mcp-appliance >/dev/null || useradd --system --no-create-home --shell /usr/sbin/nologin mcp-appliance
+
+echo "== test venv ($TEST_VENV, Debian's python3 so the service user can run it)"
+[ -x "$TEST_VENV/bin/python" ] || /usr/bin/python3 -m venv "$TEST_VENV"
+"$TEST_VENV/bin/pip" install -q --upgrade pip
+"$TEST_VENV/bin/pip" install -q ".[test]"
+
+echo "== tool venv ($MCP_APPLIANCE_TOOLS_VENV: ansible, linters, schema validators)"
+[ -x "$MCP_APPLIANCE_TOOLS_VENV/bin/python" ] || /usr/bin/python3 -m venv "$MCP_APPLIANCE_TOOLS_VENV"
+"$MCP_APPLIANCE_TOOLS_VENV/bin/pip" install -q -r tests/tools-requirements.txt
+
+echo "== tests"
+# Run from a copy-free checkout: the workers import the installed package, the tests this tree.
+exec "$TEST_VENV/bin/python" -m pytest -p no:cacheprovider -ra --durations=15 "$@"

@@ -1,0 +1,349 @@
+"""Settings: defaults, TOML and environment overrides, errors that name the key, the example file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from appliance.config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_ALIASES,
+    ConfigError,
+    Settings,
+    config_path,
+    env_name,
+    iter_keys,
+    load_settings,
+    redacted,
+)
+from tests.harness import to_toml
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "conf" / "appliance.example.toml"
+KEYS = [key for key, _, _ in iter_keys()]
+
+#: Valid non-default values for string keys whose validation restricts them.
+STRING_SAMPLES = {
+    "service_name": "notes-prod",
+    "version": "9.8.7",
+    "user": "someone",
+    "http.host": "127.0.0.1",
+    "workers.host": "127.0.0.2",
+    "admin.host": "::1",
+    "mcp.app": "mypkg.server:mcp",
+    "mcp.path": "/agents/mcp",
+    "node.peer_address": "app-{ordinal}.app-peers.ns.svc.cluster.local:8080",
+    "auth.api_key_header": "X-Agent-Key",
+    "auth.resource_url": "https://mcp.example.com/mcp",
+}
+
+#: Valid non-default values for list keys whose validation restricts them.
+LIST_SAMPLES = {
+    "node.peers": ["10.0.0.1:80", "[fd00::2]:8080", "app-2.example.internal:80"],
+    "node.resolver": ["10.96.0.10", "127.0.0.1:5353"],
+    "http.trusted_proxies": ["10.0.0.0/8", "fd00::/8"],
+    "limits.exempt": ["192.0.2.7"],
+    "metrics.allow_from": ["127.0.0.1", "10.1.0.0/16"],
+    "policy.rules": ["tool:delete_* = notes:write notes:admin", "resource:notes://* = notes:read"],
+}
+
+
+def default_of(key: str) -> Any:
+    value: Any = Settings()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def get(settings: Settings, key: str) -> Any:
+    value: Any = settings
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def sample(key: str, hint: Any) -> Any:
+    """A valid value different from the default, as Python (TOML-able) data."""
+    default = default_of(key)
+    if typing.get_origin(hint) is Literal:
+        return next(a for a in typing.get_args(hint) if a != default)
+    if typing.get_origin(hint) is tuple:
+        return LIST_SAMPLES.get(key, ["mcp.example.com", "mcp.example.com:*"])
+    if hint is bool:
+        return not default
+    if hint is int:
+        return default + 1  # stays valid for every integer key (ports, counts, limits)
+    if hint is float:
+        return default + 0.5
+    if hint is Path:
+        return f"/srv/appliance-test/{key}"
+    if hint is str:
+        return STRING_SAMPLES.get(key, f"{default}-x")
+    raise AssertionError(f"no sample for {key}: {hint}")
+
+
+def as_env(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """{"a": {"b": v}} for "a.b"."""
+    head, _, rest = key.partition(".")
+    return {head: nested(rest, value) if rest else value}
+
+
+def expected(key: str, hint: Any, value: Any) -> Any:
+    if typing.get_origin(hint) is tuple:
+        return tuple(value)
+    if hint is Path:
+        return Path(value)
+    return value
+
+
+def load(tmp_path: Path, data: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    path = tmp_path / "appliance.toml"
+    if data is not None:
+        path.write_text(to_toml(data))
+    return load_settings(path, environ or {})
+
+
+def test_missing_file_means_built_in_defaults(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path / "absent.toml", {})
+    assert settings == Settings()
+    assert settings.source == "built-in defaults"
+    assert settings.http.port == 80 and settings.workers.count == 2
+    assert settings.mcp.app == "appliance.servers.notes:server"
+
+
+def test_config_path_prefers_flag_then_environment_then_default() -> None:
+    assert config_path("/a.toml", {"MCP_APPLIANCE_CONFIG": "/b.toml"}) == Path("/a.toml")
+    assert config_path(None, {"MCP_APPLIANCE_CONFIG": "/b.toml"}) == Path("/b.toml")
+    assert config_path(None, {}) == DEFAULT_CONFIG_PATH
+
+
+@pytest.mark.parametrize(("key", "hint"), [(k, h) for k, _, h in iter_keys()], ids=KEYS)
+def test_every_key_is_overridable_by_toml(tmp_path: Path, key: str, hint: Any) -> None:
+    value = sample(key, hint)
+    settings = load(tmp_path, nested(key, value))
+    assert get(settings, key) == expected(key, hint, value)
+    assert type(get(settings, key)) is type(default_of(key))
+    assert settings.source == str(tmp_path / "appliance.toml")
+
+
+@pytest.mark.parametrize(("key", "hint"), [(k, h) for k, _, h in iter_keys()], ids=KEYS)
+def test_every_key_is_overridable_by_environment(tmp_path: Path, key: str, hint: Any) -> None:
+    value = sample(key, hint)
+    settings = load(tmp_path, environ={env_name(key): as_env(value)})
+    assert get(settings, key) == expected(key, hint, value)
+    assert type(get(settings, key)) is type(default_of(key))
+    assert settings.source.endswith("+ environment")
+
+
+def test_environment_wins_over_toml(tmp_path: Path) -> None:
+    settings = load(tmp_path, {"workers": {"count": 3}}, {"MCP_APPLIANCE_WORKERS_COUNT": "5"})
+    assert settings.workers.count == 5
+
+
+def test_env_booleans_and_lists_are_parsed(tmp_path: Path) -> None:
+    settings = load(tmp_path, environ={"MCP_APPLIANCE_MCP_SESSIONS": "off",
+                                       "MCP_APPLIANCE_MCP_ALLOWED_ORIGINS": " https://a.example , https://b.example ,"})
+    assert settings.mcp.sessions is False
+    assert settings.mcp.allowed_origins == ("https://a.example", "https://b.example")
+
+
+def bad_value(hint: Any) -> Any:
+    """A TOML value of the wrong type for `hint`."""
+    if hint in (int, float):
+        return "many"
+    if hint is bool:
+        return "yes"
+    return 5  # strings, paths, literals and lists all reject a number
+
+
+@pytest.mark.parametrize(("key", "hint"), [(k, h) for k, _, h in iter_keys()], ids=KEYS)
+def test_bad_toml_value_names_the_key(tmp_path: Path, key: str, hint: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, nested(key, bad_value(hint)))
+    assert f"'{key}'" in str(err.value)
+    assert "expected" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [("workers.count", "three"), ("http.port", "80x"), ("mcp.sessions", "maybe"), ("health.probe_timeout", "soon"),
+     ("environment", "prod"), ("log_level", "loud")],
+)
+def test_bad_env_value_names_the_variable_and_key(tmp_path: Path, key: str, text: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, environ={env_name(key): text})
+    assert env_name(key) in str(err.value) and f"'{key}'" in str(err.value)
+
+
+def test_literal_value_outside_the_choices_lists_them(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'environment' = 'prod' is invalid: expected one of 'development'"):
+        load(tmp_path, {"environment": "prod"})
+
+
+def test_booleans_are_not_integers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'workers.count'"):
+        load(tmp_path, {"workers": {"count": True}})
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [({"colour": "blue"}, "'colour'"), ({"workers": {"cuont": 3}}, "'workers.cuont'"),
+     ({"http": {"port": 8080, "tls": True}}, "'http.tls'"), ({"mcp": "notes"}, "'mcp'")],
+)
+def test_unknown_or_misplaced_keys_are_errors(tmp_path: Path, data: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load(tmp_path, data)
+
+
+def test_unknown_appliance_environment_variable_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="MCP_APPLIANCE_WORKERS_CUONT"):
+        load(tmp_path, environ={"MCP_APPLIANCE_WORKERS_CUONT": "3"})
+    # The config-path variable is not a setting, and foreign variables are ignored.
+    assert load(tmp_path, environ={"MCP_APPLIANCE_CONFIG": "/x.toml", "HOME": "/root"}) == Settings()
+
+
+def test_invalid_toml_syntax_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "appliance.toml"
+    path.write_text("[workers\ncount = 2\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path, {})
+
+
+@pytest.mark.parametrize(
+    ("alias", "text", "key", "value"),
+    [("ENVIRONMENT", "staging", "environment", "staging"),  # production also needs auth (test_auth.py)
+     ("SERVICE_NAME", "notes-eu", "service_name", "notes-eu"),
+     ("VERSION", "2025.11.1", "version", "2025.11.1"),
+     ("LOG_LEVEL", "debug", "log_level", "debug"),
+     ("MCP_HOST", "127.0.0.1", "http.host", "127.0.0.1"),
+     ("MCP_PORT", "8080", "http.port", 8080)],
+)
+def test_seed_environment_names_still_work(tmp_path: Path, alias: str, text: str, key: str, value: Any) -> None:
+    assert ENV_ALIASES[alias] == key
+    assert get(load(tmp_path, environ={alias: text}), key) == value
+
+
+def test_appliance_variable_wins_over_seed_alias(tmp_path: Path) -> None:
+    settings = load(tmp_path, environ={"MCP_PORT": "8080", "MCP_APPLIANCE_HTTP_PORT": "8081"})
+    assert settings.http.port == 8081
+
+
+@pytest.mark.parametrize(
+    ("data", "both"),
+    [({"http": {"port": 9000}}, ("http.port", "admin.port")),
+     ({"admin": {"port": 9101}}, ("admin.port", "worker 1")),
+     ({"http": {"port": 9100}, "admin": {"port": 8999}}, ("http.port", "worker 0"))],
+)
+def test_port_clash_names_both_keys(tmp_path: Path, data: dict[str, Any], both: tuple[str, str]) -> None:
+    with pytest.raises(ConfigError, match="port clash") as err:
+        load(tmp_path, data)
+    for name in both:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [({"workers": {"host": "0.0.0.0"}}, "workers.host"),
+     ({"admin": {"host": "10.0.0.1"}}, "admin.host"),
+     ({"workers": {"count": 0}}, "workers.count"),
+     ({"workers": {"count": 2}, "health": {"min_ready_workers": 3}}, "health.min_ready_workers"),
+     ({"mcp": {"app": "no colon"}}, "mcp.app"),
+     ({"mcp": {"path": "/health"}}, "mcp.path"),
+     ({"http": {"port": 70000}}, "http.port"),
+     ({"http": {"host": "example.com"}}, "http.host"),
+     ({"data_dir": "relative/dir"}, "data_dir")],
+)
+def test_cross_field_checks_name_the_key(tmp_path: Path, data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load(tmp_path, data)
+
+
+def test_settings_are_immutable() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().workers.count = 5  # type: ignore[misc]
+
+
+def test_redacted_settings_are_plain_json_and_complete() -> None:
+    doc = redacted(Settings())
+    json.dumps(doc)  # JSON-able as is
+    for key in KEYS:
+        value: Any = doc
+        for part in key.split("."):
+            value = value[part]
+        plain = default_of(key)
+        if value == "***":  # a secret (or the path of one): test_every_secret_setting_is_redacted
+            continue
+        assert value == (list(plain) if isinstance(plain, tuple) else str(plain) if isinstance(plain, Path) else plain)
+
+
+def test_redaction_hides_secret_values_at_any_depth() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Auth:
+        token: str = "s3cret"
+        token_file: str = ""  # empty: nothing to hide, and showing it unset helps the operator
+        header: str = "Authorization"
+
+    @dataclasses.dataclass(frozen=True)
+    class WithSecrets:
+        admin_token: str = "abc"
+        db_password: str = "hunter2"
+        auth: Auth = dataclasses.field(default_factory=Auth)
+
+    doc = redacted(WithSecrets())  # type: ignore[arg-type]
+    assert doc == {"admin_token": "***", "db_password": "***",
+                   "auth": {"token": "***", "token_file": "", "header": "Authorization"}}
+    assert "s3cret" not in json.dumps(doc) and "hunter2" not in json.dumps(doc)
+
+
+def test_every_secret_setting_is_redacted(tmp_path: Path) -> None:
+    """Keys that hold secrets (by name) never show their value in /config."""
+    secret_keys = [k for k, _, h in iter_keys() if h is str and any(w in k for w in ("token", "secret", "password"))]
+    if not secret_keys:
+        pytest.skip("no secret-holding string settings defined yet")
+    environ = {env_name(k): "do-not-show-me" for k in secret_keys}
+    assert "do-not-show-me" not in json.dumps(redacted(load(tmp_path, environ=environ)))
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def test_example_config_lists_exactly_every_key() -> None:
+    keys = list(flatten(tomllib.loads(EXAMPLE.read_text())))
+    assert sorted(keys) == sorted(KEYS), "conf/appliance.example.toml must show every key of Settings, no others"
+
+
+def test_example_config_loads_and_shows_the_defaults() -> None:
+    settings = load_settings(EXAMPLE, {})
+    for key in KEYS:
+        if key == "version":  # the example shows the release it shipped with
+            continue
+        assert get(settings, key) == default_of(key), f"{key} in the example differs from the default"
+
+
+def test_example_config_comments_every_key() -> None:
+    lines = EXAMPLE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.startswith("#"):
+            above = lines[i - 1]
+            # A key is commented directly above, or shares the comment of the key just above it.
+            assert above.startswith("#") or ("=" in above and not above.startswith("#")), f"no comment for: {line}"

@@ -1,0 +1,182 @@
+"""Rendering: the generated nginx.conf and supervisord.conf are valid for the real tools and complete."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from supervisor.options import ClientOptions, ServerOptions
+
+from appliance.config import McpSettings, NodeSettings, Settings, WorkersSettings
+from appliance.gate.sessions import owner_prefix
+from appliance.pool import worker_socket
+from appliance.render import RenderContext, cli_command, render_all, write_files
+from appliance.supervisor import worker_program
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+COMMAND = cli_command("/opt/mcp-appliance/bin/python", Path("/etc/mcp-appliance/appliance.toml"))
+
+
+def settings_for(tmp_path: Path, workers: int = 3, **changes: object) -> Settings:
+    return dataclasses.replace(
+        Settings(),
+        run_dir=tmp_path / "run", log_dir=tmp_path / "log", data_dir=tmp_path / "data",
+        workers=WorkersSettings(count=workers, base_port=9100),
+        source=str(tmp_path / "appliance.toml"),
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def render(tmp_path: Path, settings: Settings, as_root: bool = False) -> dict[str, str]:
+    files = render_all(settings, RenderContext(command=COMMAND, nginx=NGINX, as_root=as_root))
+    (settings.run_dir / "nginx").mkdir(parents=True, exist_ok=True)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    write_files(files, settings.run_dir)
+    return files
+
+
+def server_options(conf: Path) -> ServerOptions:
+    options = ServerOptions()
+    options.realize(args=["-c", str(conf)])
+    return options
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+@pytest.mark.parametrize("workers", [1, 3])
+def test_rendered_nginx_conf_passes_nginx_t(tmp_path: Path, workers: int) -> None:
+    settings = settings_for(tmp_path, workers)
+    render(tmp_path, settings)
+    result = subprocess.run(
+        [NGINX, "-t", "-c", str(settings.run_dir / "nginx.conf"), "-p", f"{settings.run_dir}/nginx/", "-e", "stderr"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_supervisord_conf_parses_with_supervisors_own_options(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 3)
+    render(tmp_path, settings)
+    options = server_options(settings.run_dir / "supervisord.conf")
+    groups = {g.name: g for g in options.process_group_configs}
+    assert set(groups) == {worker_program(k) for k in range(3)} | {"admin", "nginx", "events"}
+    for k in range(3):
+        (worker,) = groups[worker_program(k)].process_configs
+        assert worker.command == f"{COMMAND} worker --index {k}"
+        assert worker.autorestart and worker.directory == str(settings.run_dir)
+    nginx = groups["nginx"].process_configs[0]
+    assert f"{NGINX} -c {settings.run_dir}/nginx.conf" in nginx.command  # maybe behind a wrapper
+    assert groups["events"].process_configs[0].command == f"{COMMAND} events"
+    assert options.nodaemon is True
+    assert options.server_configs[0]["file"] == str(settings.run_dir / "supervisor.sock")
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_supervisord_conf_runs_one_worker_program_per_worker(tmp_path: Path, workers: int) -> None:
+    """N workers, each its own program (a live scale adds or removes one without touching the others)."""
+    files = render(tmp_path, settings_for(tmp_path, workers))
+    parser = configparser.RawConfigParser()
+    parser.read_string(files["supervisord.conf"])
+    programs = sorted(s for s in parser.sections() if s.startswith(f"program:{worker_program(0)[:-2]}"))
+    assert programs == [f"program:{worker_program(k)}" for k in range(workers)]
+    assert [parser.get(p, "command").rsplit(" ", 1)[1] for p in programs] == [str(k) for k in range(workers)]
+    assert parser.get("eventlistener:events", "events") == "PROCESS_STATE"
+    assert "daemon off;" in files["nginx.conf"]
+
+
+def test_workers_get_the_data_dir_in_their_environment(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 2)
+    render(tmp_path, settings)
+    groups = {g.name: g for g in server_options(settings.run_dir / "supervisord.conf").process_group_configs}
+    environment = groups[worker_program(0)].process_configs[0].environment
+    assert environment["MCP_APPLIANCE_DATA_DIR"] == str(settings.data_dir)
+
+
+def test_supervisorctl_conf_points_at_the_appliance_socket(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 2)
+    render(tmp_path, settings)
+    options = ClientOptions()
+    options.realize(args=["-c", str(settings.run_dir / "supervisorctl.conf")])
+    assert options.serverurl == f"unix://{settings.run_dir / 'supervisor.sock'}"
+
+
+def pcre_to_python(pattern: str) -> str:
+    """nginx map regex (PCRE named groups) as a Python regex."""
+    return pattern.replace("(?<", "(?P<")
+
+
+@pytest.mark.parametrize("node", [0, 7])
+def test_every_worker_has_a_session_map_entry_and_an_upstream(tmp_path: Path, node: int) -> None:
+    settings = settings_for(tmp_path, 3, node=NodeSettings(ordinal=node))
+    nginx = render(tmp_path, settings)["nginx.conf"]
+    session_map = re.search(r"map \$http_mcp_session_id \$mcp_upstream \{(.*?)\}", nginx, re.S)
+    assert session_map is not None and "default mcp_pool;" in session_map[1]
+    entries = re.findall(r'^\s*"(~[^"]+)" (\S+);', session_map[1], re.M)
+    pool = re.search(r"upstream mcp_pool \{(.*?)\}", nginx, re.S)
+    assert pool is not None and "least_conn;" in pool[1]
+    for k in range(3):
+        session_id = owner_prefix(node, k) + "0123456789abcdef"
+        routed = [(pattern, target) for pattern, target in entries if re.match(pcre_to_python(pattern[1:]), session_id)]
+        assert len(routed) == 1, (session_id, entries)
+        pattern, target = routed[0]
+        group = re.match(pcre_to_python(pattern[1:]), session_id).groupdict()  # type: ignore[union-attr]
+        upstream_name = target.replace("$mcp_worker", group.get("mcp_worker", ""))
+        assert upstream_name == f"mcp_w{k}"
+        upstream = re.search(rf"upstream {upstream_name} \{{(.*?)\}}", nginx, re.S)
+        assert upstream is not None and f"server unix:{worker_socket(settings.run_dir, k)};" in upstream[1]
+    # Another node's sessions are not routed to this node's workers.
+    other = owner_prefix(node + 1, 0) + "0123456789abcdef"
+    assert not any(re.match(pcre_to_python(p[1:]), other) and t.startswith("mcp_w") for p, t in entries)
+
+
+def test_mcp_location_streams_and_turns_a_dead_owner_into_404(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 2, mcp=McpSettings(path="/agents/mcp"))
+    nginx = render(tmp_path, settings)["nginx.conf"]
+    location = re.search(r"location /agents/mcp \{(.*?)\}", nginx, re.S)
+    assert location is not None
+    assert "proxy_buffering off;" in location[1]
+    assert f"proxy_read_timeout {settings.http.read_timeout}s;" in location[1]
+    assert "error_page 502 504 = $mcp_unavailable;" in location[1]
+    assert re.search(r"location @mcp_session_gone \{\s*default_type application/json;\s*return 404", nginx)
+
+
+def test_every_rendered_file_says_it_is_generated(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 2)
+    for name, text in render(tmp_path, settings).items():
+        first = text.splitlines()[0]
+        assert "Generated by mcp-appliance" in first and "do not edit" in first, name
+        assert settings.source in first, name
+
+
+def test_listeners_are_loopback_except_nginx(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 2)
+    nginx = render(tmp_path, settings)["nginx.conf"]
+    assert re.findall(r"^\s*listen (\S+)", nginx, re.M) == ["0.0.0.0:80"]
+    assert "server 127.0.0.1:9000;" in nginx  # the admin app
+
+
+def test_ipv6_public_listener_is_bracketed(tmp_path: Path) -> None:
+    settings = dataclasses.replace(settings_for(tmp_path, 1), http=dataclasses.replace(Settings().http, host="::"))
+    assert "listen [::]:80 default_server;" in render(tmp_path, settings)["nginx.conf"]
+
+
+def test_non_root_render_has_no_user_switch(tmp_path: Path) -> None:
+    files = render(tmp_path, settings_for(tmp_path, 2))
+    assert not re.search(r"^user ", files["nginx.conf"], re.M)
+    assert "user=" not in files["supervisord.conf"]
+
+
+def test_root_render_drops_children_to_the_service_user(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 2)
+    files = render(tmp_path, settings, as_root=True)
+    assert re.search(rf"^user {settings.user};", files["nginx.conf"], re.M)
+    groups = {g.name: g for g in server_options(settings.run_dir / "supervisord.conf").process_group_configs}
+    for name in (worker_program(0), worker_program(1), "admin", "events"):
+        assert all(p.uid is not None for p in groups[name].process_configs), name
+    # The nginx master starts as root to bind low ports; its workers drop via `user`.
+    assert groups["nginx"].process_configs[0].uid is None
