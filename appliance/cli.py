@@ -66,6 +66,7 @@ def cmd_run(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     from appliance.gate.services import preflight_gate
     from appliance.operations import prepare_run
     from appliance.render import render_all, write_files
+    from appliance.supervisor import nudge_when_up, socket_path
     from appliance.worker import HostedAppError, import_target
 
     as_root = os.geteuid() == 0
@@ -84,6 +85,9 @@ def cmd_run(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     prepare_run(settings, ctx, path, as_root)  # type: ignore[arg-type]
     conf = str(settings.run_dir / "supervisord.conf")
     sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:  # the child wakes supervisord's first loop: programs start 1 s sooner
+        nudge_when_up(socket_path(settings.run_dir))
     os.execv(supervisord, [supervisord, "--nodaemon", "-c", conf])
     return 0  # not reached
 

@@ -8,7 +8,6 @@ enough for keys this random (no dictionary to try); comparisons are constant-tim
 from __future__ import annotations
 
 import contextlib
-import grp
 import hashlib
 import hmac
 import json
@@ -205,11 +204,3 @@ def ensure_admin_token(settings: Settings, as_root: bool) -> Path:
 def admin_headers(settings: Settings) -> dict[str, str]:
     """Headers that authorize a local CLI call to the admin app."""
     return {"Authorization": f"Bearer {read_admin_token(settings)}"}
-
-
-def service_group(user: str) -> str | None:
-    """The service user's primary group name (for messages), if the user exists."""
-    try:
-        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
-    except KeyError:
-        return None

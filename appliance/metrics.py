@@ -21,7 +21,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -372,6 +372,3 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     registry.register(_Families(static))  # type: ignore[arg-type]
     # *_created samples exist only in single-process mode; /metrics (multiprocess) has none.
     return {s.name for family in registry.collect() for s in family.samples if not s.name.endswith("_created")}
-
-
-OnEvent = Callable[[str, dict[str, str]], None]

@@ -1,13 +1,17 @@
 """What the gate costs: one worker process, the same hosted app with and without the gate, one run.
 
-The server process (this script with --serve) mounts one MCPServer three times:
+Two measurements. First, end to end: the server process (this script with --serve) mounts
+one MCPServer three times:
   /raw   the hosted app alone (gate off);
-  /core  the gate with auth "none", no policy rules, no audit (request id, host check,
+  /light the whole gate with auth "none", no policy rules, no audit (request id, host check,
          body limit, session tags, outcome and metrics);
   /full  the whole gate: API key, session binding, one-parse JSON-RPC, tool policy with a
          matching rule, audit record (fsync "interval"), metrics (multiprocess files).
 wrk then sends the same 2026-07-28 tools/call (a trivial `add` tool) to each path in
-alternating rounds, so all three share the process, the machine and the time.
+alternating rounds, so all three share the process, the machine and the time; the
+server's CPU time per request is reported besides req/s (robust when others share the
+cores). Second, the gate alone: the same three mounts around an ASGI app that answers at
+once, called in-process (no HTTP, no SDK), CPU time per request.
 
 Usage: python bench/gate_overhead.py [--seconds 5] [--rounds 3] [--connections 16] [--json out.json]
 """
@@ -35,24 +39,42 @@ from quick_figures import wrk, wrk_script  # noqa: E402
 
 from tests.integration.clients import modern_request  # noqa: E402
 
-PATHS = ("raw", "core", "full")
+PATHS = ("raw", "light", "full")
 SCOPE = "bench:call"
 
 
-def serve(port: int, directory: Path) -> None:
-    """The server side: one hypercorn process (uvloop) with the three mounts."""
-    import uvloop
-    from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.config import Config
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.transport_security import TransportSecuritySettings
-
+def mounts(hosted: Any, directory: Path) -> dict[str, Any]:
+    """The hosted app as "raw", behind the light gate, and behind the full gate."""
     from appliance.config import AuditSettings, AuthSettings, PolicySettings, Settings
     from appliance.gate import GateServices, WorkerStats, build_gate
     from appliance.gate.audit import AuditWriter, audit_dir
     from appliance.gate.auth import ApiKeys, NoAuth
     from appliance.gate.policy import Policy
     from appliance.metrics import GateMetrics
+
+    full_settings = Settings(
+        log_dir=directory, run_dir=directory,
+        auth=AuthSettings(mode="api_keys", keys_file=directory / "keys.json"),
+        policy=PolicySettings(rules=(f"tool:add = {SCOPE}",)),
+        audit=AuditSettings(fsync="interval"),
+    )
+    light_settings = dataclasses.replace(full_settings, auth=AuthSettings(), policy=PolicySettings(rules=()),
+                                        audit=AuditSettings(enabled=False))
+    full = build_gate(hosted, full_settings, 0, WorkerStats(index=0), GateServices(
+        ApiKeys(directory / "keys.json"), Policy(full_settings.policy), GateMetrics(0),
+        AuditWriter(audit_dir(directory) / "worker-00.jsonl", full_settings.audit)))
+    light = build_gate(hosted, light_settings, 1, WorkerStats(index=1), GateServices(
+        NoAuth(("*",)), Policy(light_settings.policy), GateMetrics(1), None))
+    return {"raw": hosted, "light": light, "full": full}
+
+
+def serve(port: int, directory: Path) -> None:
+    """The server side: one hypercorn process (uvloop) with the three mounts of one MCPServer."""
+    import uvloop
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+    from mcp.server.mcpserver import MCPServer
+    from mcp.server.transport_security import TransportSecuritySettings
 
     server = MCPServer("bench")
 
@@ -63,26 +85,13 @@ def serve(port: int, directory: Path) -> None:
 
     hosted = server.streamable_http_app(
         streamable_http_path="/mcp", transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
-    full_settings = Settings(
-        log_dir=directory, run_dir=directory,
-        auth=AuthSettings(mode="api_keys", keys_file=directory / "keys.json"),
-        policy=PolicySettings(rules=(f"tool:add = {SCOPE}",)),
-        audit=AuditSettings(fsync="interval"),
-    )
-    core_settings = dataclasses.replace(full_settings, auth=AuthSettings(), policy=PolicySettings(rules=()),
-                                        audit=AuditSettings(enabled=False))
-    full = build_gate(hosted, full_settings, 0, WorkerStats(index=0), GateServices(
-        ApiKeys(directory / "keys.json"), Policy(full_settings.policy), GateMetrics(0),
-        AuditWriter(audit_dir(directory) / "worker-00.jsonl", full_settings.audit)))
-    core = build_gate(hosted, core_settings, 1, WorkerStats(index=1), GateServices(
-        NoAuth(("*",)), Policy(core_settings.policy), GateMetrics(1), None))
-    mounts = {"/raw": hosted, "/core": core, "/full": full}
+    apps = mounts(hosted, directory)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await hosted(scope, receive, send)  # lifespan: the session manager runs once
             return
-        target = mounts[scope["path"]]
+        target = apps[scope["path"].strip("/")]
         await target({**scope, "path": "/mcp", "raw_path": b"/mcp"}, receive, send)
 
     config = Config()
@@ -90,6 +99,56 @@ def serve(port: int, directory: Path) -> None:
     config.accesslog = None
     config.keep_alive_timeout = 75.0
     uvloop.run(hypercorn_serve(app, config))  # type: ignore[arg-type]
+
+
+def gate_cpu(directory: Path, key: str, requests: int = 20000, rounds: int = 3) -> dict[str, float]:
+    """CPU µs per request of the gate alone: the three mounts around an app that answers at once.
+
+    Run in a child process (PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client loads).
+    """
+    import asyncio
+
+    answer = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "3"}],
+                                                              "isError": False}}).encode()
+
+    async def instant(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
+        await send({"type": "http.response.body", "body": answer})
+
+    headers, body = modern_request("tools/call", "add", {"name": "add", "arguments": {"a": 1, "b": 2}})
+    raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    raw_headers += [(b"authorization", f"Bearer {key}".encode()), (b"host", b"127.0.0.1"), (b"x-real-ip", b"127.0.0.1")]
+    scope = {"type": "http", "method": "POST", "path": "/mcp", "raw_path": b"/mcp", "query_string": b""}
+
+    async def one(app: Any) -> None:
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> Any:
+            return pending.pop() if pending else {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                assert message["status"] == 200, message
+
+        await app({**scope, "headers": list(raw_headers)}, receive, send)
+
+    async def run() -> dict[str, float]:
+        apps = mounts(instant, directory)
+        best: dict[str, float] = {}
+        for _ in range(rounds):
+            for name, app in apps.items():
+                for _ in range(500):
+                    await one(app)
+                started = time.process_time()
+                for _ in range(requests):
+                    await one(app)
+                used = (time.process_time() - started) / requests * 1e6
+                best[name] = min(best.get(name, used), used)
+        return best
+
+    return asyncio.run(run())
 
 
 def free_port() -> int:
@@ -137,8 +196,10 @@ def measure(seconds: int, rounds: int, connections: int) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.wait(30)
+    alone = subprocess.run([sys.executable, __file__, "--gate-cpu", str(directory), key], env=env,
+                           capture_output=True, text=True, timeout=600, check=True)
     summary: dict[str, Any] = {"seconds": seconds, "rounds": rounds, "connections": connections,
-                               "audit_lines": audit_lines}
+                               "audit_lines": audit_lines, "gate_alone_cpu_us": json.loads(alone.stdout.splitlines()[-1])}
     for path in PATHS:
         rps = statistics.median(r["requests_per_s"] for r in runs[path])
         summary[path] = {"requests_per_s": rps, "us_per_request": 1e6 / rps,
@@ -146,7 +207,7 @@ def measure(seconds: int, rounds: int, connections: int) -> dict[str, Any]:
                          "p50": [r["p50"] for r in runs[path]], "p99": [r["p99"] for r in runs[path]],
                          "non_2xx": sum(r["non_2xx"] for r in runs[path])}
     raw = summary["raw"]["us_per_request"]
-    for path in ("core", "full"):
+    for path in ("light", "full"):
         summary[path]["overhead_us"] = summary[path]["us_per_request"] - raw
         summary[path]["cpu_overhead_us"] = summary[path]["cpu_us_per_request"] - summary["raw"]["cpu_us_per_request"]
         summary[path]["throughput_vs_raw"] = summary[path]["requests_per_s"] / summary["raw"]["requests_per_s"]
@@ -156,6 +217,7 @@ def measure(seconds: int, rounds: int, connections: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--gate-cpu", nargs=2, metavar=("DIR", "KEY"), help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
@@ -163,6 +225,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         serve(int(args.serve[0]), Path(args.serve[1]))
+        return
+    if args.gate_cpu:
+        print(json.dumps(gate_cpu(Path(args.gate_cpu[0]), args.gate_cpu[1])))
         return
     summary = measure(args.seconds, args.rounds, args.connections)
     print(f"{'path':<6} {'req/s':>9} {'µs/req':>8} {'overhead µs':>12} {'vs raw':>7} {'CPU µs/req':>11} "
@@ -174,6 +239,10 @@ def main() -> None:
         print(f"{path:<6} {s['requests_per_s']:>9.0f} {s['us_per_request']:>8.1f} {extra} {cpu}  "
               f"{' '.join(map(str, s['p50']))} / {' '.join(map(str, s['p99']))}")
     print(f"audit lines written by /full: {summary['audit_lines']}")
+    alone = summary["gate_alone_cpu_us"]
+    print("gate alone (in-process, an app that answers at once), CPU µs per request: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in alone.items())
+          + f"; full gate adds {alone['full'] - alone['raw']:.1f} µs")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 

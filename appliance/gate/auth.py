@@ -16,11 +16,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Protocol
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
-from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -50,6 +45,11 @@ class Principal:
         self.identity = (issuer or "", name)
         self.everything = "*" in scopes
         self.expires = expires
+        # Imported here: the SDK, PyJWT and cryptography weigh ~45 MiB, and the admin app, which
+        # only needs AdminGuard from this module, should not carry them.
+        from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+        from mcp.server.auth.provider import AccessToken
+
         claims = {"iss": issuer} if issuer else None
         token = AccessToken(token="", client_id=name, scopes=sorted(scopes), subject=name, claims=claims,
                             expires_at=int(expires) if expires else None)
@@ -151,6 +151,8 @@ class JwtTokens:
         return principal
 
     def _verify(self, token: str) -> Principal:
+        import jwt  # see Principal: only workers in mode "jwt" need it
+
         try:
             kid = jwt.get_unverified_header(token).get("kid")
             key, algorithm = self.keys.get(kid) or self.keys.get(None) or (None, None)
@@ -176,6 +178,10 @@ def load_jwt_keys(path: Path) -> dict[str | None, tuple[Any, str]]:
 
     Each key allows exactly one algorithm, so a public key can never be used as an HMAC secret.
     """
+    import jwt  # see Principal: only workers in mode "jwt" need these
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
     where = f"'auth.jwt_key_file' = '{path}'"
     try:
         data = path.read_bytes()

@@ -57,17 +57,27 @@ def ensure_rootfs() -> Path:
     if (target / ".complete").exists():
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    _prune_cache(keep=target)
     work = Path(tempfile.mkdtemp(prefix=f"{target.name}.building-", dir=CACHE_DIR))
     try:
         _build(work)
         (work / ".complete").write_text(recipe_id() + "\n")
-        if target.exists():  # a half-built leftover from an interrupted run
-            shutil.rmtree(target)
-        work.rename(target)
+        # Built aside and renamed, so `target` is complete whenever it exists; a concurrent
+        # run that finished first wins and this build is dropped.
+        if not target.exists():
+            work.rename(target)
     finally:
         if work.exists():
             shutil.rmtree(work)
     return target
+
+
+def _prune_cache(keep: Path) -> None:
+    """Drop rootfs caches of older recipes and builds interrupted over an hour ago."""
+    for path in CACHE_DIR.glob(f"rootfs-{SUITE}-*"):
+        building = ".building-" in path.name
+        if path != keep and (not building or time.time() - path.stat().st_mtime > 3600):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _build(root: Path) -> None:
@@ -258,7 +268,7 @@ def booted_guest(workdir: Path) -> Iterator[Guest]:
     guest = Guest(root, workdir / "nspawn.log")
     try:
         subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(root)], check=True)
-        (root / ".complete").unlink()
+        (root / ".complete").unlink(missing_ok=True)
         guest.boot()
         yield guest
     finally:

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.harness import Appliance, cleanup, new_appliance
-from tests.integration.clients import LEGACY_VERSION, MODERN_VERSION, mcp_client, modern_request
+from tests.integration.clients import LEGACY_VERSION, MODERN_VERSION, mcp_client
 from tests.integration.gatekit import add_key, bearer, call, write_config
 
 pytestmark = pytest.mark.integration

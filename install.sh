@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install and start mcp-appliance on this Debian 12 machine, with the default notes server.
+# It runs the project's own Ansible role against localhost, so a single host and a
+# fleet are installed the same way:  sudo ./install.sh [-e mcp_appliance_http_port=8080 …]
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: run as root (sudo ./install.sh)" >&2
+    exit 2
+fi
+
+TOOLS=${MCP_APPLIANCE_TOOLS_VENV:-/opt/mcp-appliance-tools}
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends python3 python3-venv python3-pip ca-certificates >/dev/null
+[ -x "$TOOLS/bin/python" ] || /usr/bin/python3 -m venv "$TOOLS"
+"$TOOLS/bin/pip" install -q "ansible-core>=2.16"
+
+"$TOOLS/bin/ansible-playbook" -i ansible/inventory.local ansible/site.yml "$@"
+
+cat <<'MSG'
+
+mcp-appliance is running:   curl :80/health     supervisorctl status     mcp-appliance status
+MCP endpoint:               http://<this host>/mcp   (API keys required; production mode)
+Create a key for an agent:  sudo mcp-appliance keys add --principal my-agent --scope notes:write
+Configuration:              /etc/mcp-appliance/appliance.toml, then: systemctl reload mcp-appliance
+MSG

@@ -1,0 +1,38 @@
+"""nginx's worker pool as slot symlinks: balanced, atomic re-pointing, readable back."""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance import pool
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5, 7, 64])
+def test_slots_spread_evenly_over_any_worker_count(workers: int) -> None:
+    shares = collections.Counter(pool.spread(list(range(workers))))
+    assert set(shares) == set(range(workers))
+    assert max(shares.values()) - min(shares.values()) <= 1
+
+
+def test_spread_needs_a_worker() -> None:
+    with pytest.raises(ValueError):
+        pool.spread([])
+
+
+def test_assign_points_every_slot_at_a_worker_socket_and_re_points_in_place(tmp_path: Path) -> None:
+    pool.prepare(tmp_path, [0, 1])
+    assert pool.members(tmp_path) == {0, 1}
+    link = pool.slot_path(tmp_path, 0)
+    assert link.is_symlink() and (link.parent / os.readlink(link)).resolve() == pool.worker_socket(tmp_path, 0)
+
+    pool.assign(tmp_path, [1])  # worker 0 drains: no slot may lead to it
+    assert pool.members(tmp_path) == {1}
+    assert {Path(os.readlink(pool.slot_path(tmp_path, j))).name for j in range(pool.SLOTS)} == {"worker-01.sock"}
+    assert not list(pool.pool_dir(tmp_path).glob(".*"))  # no temporary link left behind
+
+    pool.assign(tmp_path, range(3))
+    assert pool.members(tmp_path) == {0, 1, 2}
