@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-TOOLS=${MCP_APPLIANCE_TOOLS_VENV:-/opt/mcp-appliance-tools}
+TOOLS=${MCP_TOOLS_VENV:-/opt/mcp-appliance-tools}
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends python3 python3-venv python3-pip ca-certificates >/dev/null

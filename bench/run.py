@@ -12,7 +12,7 @@ One command, one machine, one run; prints a Markdown report and writes it to --o
      stateless calls (time and memory per 1,000 open sessions);
   6. kill -9 of a worker (time until it serves again) and a rolling reload under wrk load.
 
-Usage: python -m bench.run [--workers N] [--duration 10] [--connections 32] [--out bench/RESULTS.md]
+Usage: python -m bench.run [--workers N] [--duration 10] [--rounds 3] [--connections 32] [--out bench/RESULTS.md]
 Needs wrk (Debian: apt-get install wrk); everything listens on 127.0.0.1 only.
 """
 
@@ -175,15 +175,18 @@ def appliance_processes(app: Appliance) -> list[tuple[str, psutil.Process]]:
     found = [("supervisord", root)]
     for child in root.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            found.append((names.get(child.pid) or child.name() + " (" + " ".join(child.cmdline()[1:3]) + ")", child))
+            # Processes supervisord did not start itself (nginx's workers) go by their title.
+            found.append((names.get(child.pid) or " ".join(child.cmdline()).strip() or child.name(), child))
     return found
 
 
-def rss_mib(server: Server) -> list[tuple[str, float]]:
+def rss_mib(server: Server) -> list[tuple[str, float, float]]:
+    """(process, RSS MiB, PSS MiB): PSS shares each shared page among the processes that map it."""
     rows = []
     for name, proc in server.processes():
         with contextlib.suppress(psutil.Error):
-            rows.append((name, proc.memory_info().rss / 2**20))
+            info = proc.memory_full_info()
+            rows.append((name, info.rss / 2**20, info.pss / 2**20))
     return sorted(rows)
 
 
@@ -191,8 +194,9 @@ def rss_mib(server: Server) -> list[tuple[str, float]]:
 
 
 def load(server: Server, kind: str, args: argparse.Namespace, rate: float | None = None,
-         connections: int | None = None) -> wrk.Figures:
-    wrk.run(server.url, kind, 2, connections or args.connections, TOOL, ARGUMENTS, rate=rate)  # warm-up
+         connections: int | None = None, warm: bool = True) -> wrk.Figures:
+    if warm:  # keep-alive connections, caches, lazily built parts of the app
+        wrk.run(server.url, kind, 2, connections or args.connections, TOOL, ARGUMENTS, rate=rate)
     figures = wrk.run(server.url, kind, args.duration, connections or args.connections, TOOL, ARGUMENTS, rate=rate)
     print(f"  {server.name:<28} {kind:<9} {figures.rps:8.0f} req/s  p50 {figures.p50_ms:6.2f} ms  "
           f"p99 {figures.p99_ms:6.2f} ms  errors {figures.errors}", flush=True)
@@ -205,7 +209,7 @@ def session_memory(server: Server, sessions: int) -> dict[str, float]:
     app = server.appliance
 
     def workers_rss() -> float:
-        return sum(rss for name, rss in rss_mib(server) if name.startswith("worker-"))
+        return sum(rss for name, rss, _ in rss_mib(server) if name.startswith("worker-"))
 
     before = workers_rss()
 
@@ -302,8 +306,10 @@ def ratio(a: float, b: float) -> str:
 def report(m: dict[str, Any], args: argparse.Namespace) -> str:
     n = args.workers
     lines = ["# mcp-appliance benchmark", "",
-             f"One run of `python -m bench.run --workers {n} --duration {args.duration} --connections {args.connections}` "
-             f"({time.strftime('%Y-%m-%d')}). The load generator (wrk) shares the machine's CPUs with the servers.", "",
+             f"One run of `python -m bench.run --workers {n} --duration {args.duration} --rounds {args.rounds} "
+             f"--connections {args.connections}` ({time.strftime('%Y-%m-%d')}). The load generator (wrk) shares the "
+             "machine's CPUs with the servers. Every server under test runs for the whole measurement and the runs "
+             f"take turns: {args.rounds} rounds, the median run (by req/s) of each row is shown.", "",
              "## Machine", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in m["machine"].items()]
     lines += ["", f"## Throughput and latency (wrk, {args.connections} connections, {args.duration} s per run, "
@@ -353,9 +359,10 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
 
     lines += ["## Memory (RSS) of every process, after the load", ""]
     for title, rows in m["rss"].items():
-        total = sum(r for _, r in rows)
-        lines += [f"**{title}** ({total:.0f} MiB in all)", "", "| process | RSS MiB |", "|---|---:|"]
-        lines += [f"| {name} | {r:.1f} |" for name, r in rows]
+        total, shared = sum(r for _, r, _ in rows), sum(p for _, _, p in rows)
+        lines += [f"**{title}**: {total:.0f} MiB RSS in all ({shared:.0f} MiB PSS)", "",
+                  "| process | RSS MiB | PSS MiB |", "|---|---:|---:|"]
+        lines += [f"| {name} | {r:.1f} | {p:.1f} |" for name, r, p in rows]
         lines.append("")
 
     lines += ["## Cold start", "", "| server | first answer s | all workers ready s |", "|---|---:|---:|"]
@@ -381,8 +388,8 @@ def targets(m: dict[str, Any], n: int) -> list[tuple[str, str, bool]]:
     ra, rb = a["modern"].rps / b["modern"].rps, a["stateless"].rps / b["stateless"].rps
     rc = a["sessions"].rps / a["stateless"].rps
     added = m["moderate"]["appliance"].p99_ms - m["moderate"]["baseline"].p99_ms
-    worker_rss = max(r for name, r in m["rss"][f"appliance N={n}"] if name.startswith("worker-"))
-    n4 = sum(r for _, r in m["rss"]["appliance N=4"])
+    worker_rss = max(r for name, r, _ in m["rss"][f"appliance N={n}"] if name.startswith("worker-"))
+    n4 = sum(r for _, r, _ in m["rss"]["appliance N=4"])
     return [
         (f"appliance N={n} / baseline, (a) 2026-07-28 >= 1.7x", f"{ra:.2f}x", ra >= 1.7),
         (f"appliance N={n} / baseline, (b) legacy stateless >= 1.7x", f"{rb:.2f}x", rb >= 1.7),
@@ -397,10 +404,23 @@ def targets(m: dict[str, Any], n: int) -> list[tuple[str, str, bool]]:
     ]
 
 
+def measure_rounds(plan: list[tuple[str, Server, str, float | None, int | None]], args: argparse.Namespace
+                   ) -> dict[str, wrk.Figures]:
+    """Run every (label, server, kind, rate, connections) once per round, interleaved in time so
+    that noise from the machine falls on all alike; keep each label's median run by req/s."""
+    runs: dict[str, list[wrk.Figures]] = {label: [] for label, *_ in plan}
+    for n in range(args.rounds):
+        print(f"round {n + 1} of {args.rounds}", flush=True)
+        for label, server, kind, rate, connections in plan:
+            runs[label].append(load(server, kind, args, rate, connections, warm=n == 0))
+    return {label: sorted(figures, key=lambda f: f.rps)[len(figures) // 2] for label, figures in runs.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="appliance workers (default: CPU count)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median run counts (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections for the saturating runs (default 32)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"), help="the Markdown report (default bench/RESULTS.md)")
     parser.add_argument("--json", help="also write the raw figures here")
@@ -409,42 +429,43 @@ def main() -> int:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
     n = args.workers
-    m: dict[str, Any] = {"machine": machine(), "baseline": {}, "appliance": {}, "gate": {}, "moderate": {},
-                         "rss": {}, "cold_start": {}}
+    m: dict[str, Any] = {"machine": machine(), "rss": {}, "cold_start": {}}
     print(json.dumps(m["machine"]), flush=True)
 
-    with baseline("baseline (stateful)") as srv:
-        m["cold_start"]["baseline: hosted app alone"] = (srv.cold_start_s, srv.all_ready_s)
-        m["baseline"]["modern"] = load(srv, "modern", args)
-        m["baseline"]["sessions"] = load(srv, "sessions", args)
-        m["moderate"]["baseline"] = load(srv, "modern", args, MODERATE_RATE, MODERATE_CONNECTIONS)
-        m["rss"]["baseline: hosted app alone"] = rss_mib(srv)
-    with baseline("baseline (stateless)", stateless=True) as srv:
-        m["baseline"]["stateless"] = load(srv, "stateless", args)
+    with contextlib.ExitStack() as stack:
+        # Started one after the other (each cold start on a quiet machine), then measured in turns.
+        base = stack.enter_context(baseline("baseline"))
+        base_sl = stack.enter_context(baseline("baseline, stateless", stateless=True))
+        gate = stack.enter_context(gate_worker())
+        app = stack.enter_context(appliance(n))
+        app_sl = stack.enter_context(appliance(n, mcp={"sessions": False}))
+        app_sl.name += ", stateless"
+        for server in (base, gate, app):
+            m["cold_start"][server.name] = (server.cold_start_s, server.all_ready_s)
+        r = measure_rounds([
+            ("b/modern", base, "modern", None, None), ("a/modern", app, "modern", None, None),
+            ("b/sessions", base, "sessions", None, None), ("a/sessions", app, "sessions", None, None),
+            ("b/stateless", base_sl, "stateless", None, None), ("a/stateless", app_sl, "stateless", None, None),
+            ("g/modern", gate, "modern", None, None),
+            ("b/moderate", base, "modern", MODERATE_RATE, MODERATE_CONNECTIONS),
+            ("g/moderate", gate, "modern", MODERATE_RATE, MODERATE_CONNECTIONS),
+            ("a/moderate", app, "modern", MODERATE_RATE, MODERATE_CONNECTIONS),
+        ], args)
+        m["baseline"] = {k: r[f"b/{k}"] for k in ("modern", "sessions", "stateless")}
+        m["appliance"] = {k: r[f"a/{k}"] for k in ("modern", "sessions", "stateless")}
+        m["gate"] = {"modern": r["g/modern"]}
+        m["moderate"] = {"baseline": r["b/moderate"], "gate": r["g/moderate"], "appliance": r["a/moderate"]}
+        m["rss"]["baseline: hosted app alone"] = rss_mib(base)
+        m["rss"][f"appliance N={n}"] = rss_mib(app)
 
-    with gate_worker() as srv:
-        m["cold_start"]["one worker with the gate"] = (srv.cold_start_s, srv.all_ready_s)
-        m["gate"]["modern"] = load(srv, "modern", args)
-        m["moderate"]["gate"] = load(srv, "modern", args, MODERATE_RATE, MODERATE_CONNECTIONS)
-
-    with appliance(n) as srv:
-        m["cold_start"][f"appliance N={n}"] = (srv.cold_start_s, srv.all_ready_s)
-        m["appliance"]["modern"] = load(srv, "modern", args)
-        m["appliance"]["sessions"] = load(srv, "sessions", args)
-        m["moderate"]["appliance"] = load(srv, "modern", args, MODERATE_RATE, MODERATE_CONNECTIONS)
-        m["rss"][f"appliance N={n}"] = rss_mib(srv)
-        m["sessions_memory"] = session_memory(srv, SESSIONS_HELD)
+        m["sessions_memory"] = session_memory(app, SESSIONS_HELD)
         print(f"  sessions: {m['sessions_memory']['per_session_kib']:.0f} KiB each", flush=True)
-        m["kill"] = kill_restart(srv)
+        m["kill"] = kill_restart(app)
         print(f"  kill -9: serving again after {m['kill']['serving_s']:.2f} s", flush=True)
-        srv.appliance.wait_healthy(timeout=60, workers=n)  # type: ignore[union-attr]
-        m["reload"] = reload_under_load(srv, args)
+        app.appliance.wait_healthy(timeout=60, workers=n)  # type: ignore[union-attr]
+        m["reload"] = reload_under_load(app, args)
         print(f"  reload: {m['reload']['reload_s']:.1f} s, wrk errors {m['reload']['wrk'].errors}", flush=True)
-    with appliance(n, mcp={"sessions": False}) as srv:
-        m["appliance"]["stateless"] = load(srv, "stateless", args)
 
-    if n == 4:
-        m["cold_start"]["appliance N=4"] = m["cold_start"][f"appliance N={n}"]
     with appliance(4) as srv:
         m["cold_start"]["appliance N=4"] = (srv.cold_start_s, srv.all_ready_s)
         load(srv, "modern", args)  # warm, as in service

@@ -11,8 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-TEST_VENV=${MCP_APPLIANCE_TEST_VENV:-/opt/mcp-appliance-test}
-export MCP_APPLIANCE_TOOLS_VENV=${MCP_APPLIANCE_TOOLS_VENV:-/opt/mcp-appliance-tools}
+TEST_VENV=${MCP_TEST_VENV:-/opt/mcp-appliance-test}
+export MCP_TOOLS_VENV=${MCP_TOOLS_VENV:-/opt/mcp-appliance-tools}
 
 echo "== Debian packages"
 export DEBIAN_FRONTEND=noninteractive
@@ -29,9 +29,9 @@ echo "== test venv ($TEST_VENV, Debian's python3 so the service user can run it)
 "$TEST_VENV/bin/pip" install -q --upgrade pip
 "$TEST_VENV/bin/pip" install -q ".[test]"
 
-echo "== tool venv ($MCP_APPLIANCE_TOOLS_VENV: ansible, linters, schema validators)"
-[ -x "$MCP_APPLIANCE_TOOLS_VENV/bin/python" ] || /usr/bin/python3 -m venv "$MCP_APPLIANCE_TOOLS_VENV"
-"$MCP_APPLIANCE_TOOLS_VENV/bin/pip" install -q -r tests/tools-requirements.txt
+echo "== tool venv ($MCP_TOOLS_VENV: ansible, linters, schema validators)"
+[ -x "$MCP_TOOLS_VENV/bin/python" ] || /usr/bin/python3 -m venv "$MCP_TOOLS_VENV"
+"$MCP_TOOLS_VENV/bin/pip" install -q -r tests/tools-requirements.txt
 
 echo "== tests"
 # Run from a copy-free checkout: the workers import the installed package, the tests this tree.

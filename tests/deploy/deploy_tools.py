@@ -1,7 +1,7 @@
 """Finding the external tools the deploy checks run, and what to do when one is missing.
 
 scripts/test.sh installs them (Debian packages on PATH; ansible, ansible-lint … into the
-tool venv `$MCP_APPLIANCE_TOOLS_VENV`). A developer running one test file by hand may not
+tool venv `$MCP_TOOLS_VENV`). A developer running one test file by hand may not
 have them: the test is skipped, saying what is missing. Under CI a missing tool fails.
 """
 
@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import pytest
 
-TOOLS_VENV = Path(os.environ.get("MCP_APPLIANCE_TOOLS_VENV", "/opt/mcp-appliance-tools"))
+TOOLS_VENV = Path(os.environ.get("MCP_TOOLS_VENV", "/opt/mcp-appliance-tools"))
 
 
 def missing(reason: str) -> NoReturn:

@@ -1,6 +1,6 @@
 """External tools the deploy checks run (linters, validators, kubectl): found, or skipped/failed clearly.
 
-Tools live in the tool venv ($MCP_APPLIANCE_TOOLS_VENV, default /opt/mcp-appliance-tools,
+Tools live in the tool venv ($MCP_TOOLS_VENV, default /opt/mcp-appliance-tools,
 filled by scripts/test.sh from tests/tools-requirements.txt) or on PATH. Outside CI a
 missing tool skips the test that needs it, with the reason; under CI (CI=true) it fails.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-TOOLS_VENV = Path(os.environ.get("MCP_APPLIANCE_TOOLS_VENV", "/opt/mcp-appliance-tools"))
+TOOLS_VENV = Path(os.environ.get("MCP_TOOLS_VENV", "/opt/mcp-appliance-tools"))
 
 
 def in_ci() -> bool:

@@ -196,6 +196,27 @@ def test_a_live_scale_survives_reload_until_the_config_count_changes(appliance: 
     assert len(appliance.wait_healthy(timeout=60, workers=2)["probes"]) == 2
 
 
+def test_reload_applies_nginx_settings_with_a_graceful_nginx_reload(appliance: Appliance) -> None:
+    set_workers(appliance, 2)
+    master = {p.name: p for p in appliance.supervisor.processes()}["nginx"].pid
+    nginx_before = nginx_worker_pids(appliance)
+    original = appliance.config_path.read_text()
+    try:
+        appliance.config_path.write_text(to_toml({**appliance.settings, "http": {
+            **appliance.settings["http"], "read_timeout": 1234}}))
+        result = appliance.command("reload", timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "nginx reloaded" in result.stdout, result.stdout
+        assert "proxy_read_timeout 1234s;" in (appliance.run_dir / "nginx.conf").read_text()
+        # The same master re-read its configuration (HUP) and started new worker processes.
+        assert {p.name: p for p in appliance.supervisor.processes()}["nginx"].pid == master
+        wait_until(lambda: nginx_worker_pids(appliance).isdisjoint(nginx_before), 30, "new nginx workers")
+    finally:
+        appliance.config_path.write_text(original)
+    assert appliance.command("reload", timeout=300).returncode == 0
+    assert appliance.wait_healthy(timeout=30, workers=2)["status"] == "ok"
+
+
 def test_reload_refuses_bad_or_restart_only_config_and_changes_nothing(appliance: Appliance) -> None:
     set_workers(appliance, 2)
     before = worker_pids(appliance)
