@@ -37,15 +37,19 @@ class ConfigError(Exception):
 class HttpSettings:
     """The public listener: nginx."""
 
+    #: Address nginx listens on ("0.0.0.0" all IPv4, "::" all IPv6 and IPv4).
     host: str = "0.0.0.0"
+    #: The public port; below 1024 needs root or CAP_NET_BIND_SERVICE.
     port: int = 80
     #: Largest request body nginx accepts, in bytes (413 beyond it).
     max_body_bytes: int = 4 * 1024 * 1024
     #: How long nginx waits for a worker's answer or the next SSE event, in seconds.
     read_timeout: int = 3600
+    #: Seconds nginx waits to connect to a worker before trying the next one.
     connect_timeout: int = 2
     #: Idle keepalive connections nginx keeps to each worker.
     upstream_keepalive: int = 64
+    #: Connections each nginx worker process may hold (clients plus upstreams).
     worker_connections: int = 4096
     #: Load balancers / proxies (CIDR) whose X-Forwarded-For nginx believes: the real client
     #: address then drives per-client limits and audit records. Empty: trust nobody.
@@ -56,7 +60,9 @@ class HttpSettings:
 class WorkersSettings:
     """The MCP worker processes (hypercorn, loopback only)."""
 
+    #: How many MCP worker processes (one per core is a good start).
     count: int = 2
+    #: Loopback address the workers listen on.
     host: str = "127.0.0.1"
     #: Worker K listens on base_port + K.
     base_port: int = 9100
@@ -68,7 +74,9 @@ class WorkersSettings:
 class AdminSettings:
     """The admin and health app (Starlette on hypercorn, loopback only)."""
 
+    #: Loopback address of the admin app.
     host: str = "127.0.0.1"
+    #: Loopback port of the admin app (reached through nginx).
     port: int = 9000
     #: File holding the admin token that /admin/* (and /config in production) require;
     #: empty: `run` generates a fresh one at <run_dir>/admin.token for each start.
@@ -81,11 +89,15 @@ class McpSettings:
 
     #: `module:attribute` naming an MCPServer or any Streamable HTTP ASGI app.
     app: str = "appliance.servers.notes:server"
+    #: URL path of the MCP endpoint.
     path: str = "/mcp"
     #: Legacy (2025-11-25 and earlier) sessions; false makes the legacy era stateless.
     sessions: bool = True
+    #: Answer POSTs with one JSON body instead of an SSE stream.
     json_response: bool = False
+    #: Seconds without a request after which a legacy session is closed (then 404).
     session_idle_timeout: int = 1800
+    #: Open legacy sessions per worker; beyond it a new session gets 503.
     max_sessions: int = 10000
     #: Body limit enforced inside the worker (nginx enforces http.max_body_bytes first).
     max_body_bytes: int = 4 * 1024 * 1024
@@ -100,7 +112,9 @@ class McpSettings:
 class HealthSettings:
     """How the admin app judges readiness."""
 
+    #: Workers that must answer their probe for /health/ready to be 200.
     min_ready_workers: int = 1
+    #: Seconds the admin app waits for a worker's probe answer.
     probe_timeout: float = 1.0
 
 
@@ -247,12 +261,18 @@ class MetricsSettings:
 class Settings:
     """Every knob of the appliance."""
 
+    #: Name in logs, metrics and /health.
     service_name: str = "mcp-appliance"
+    #: "production" enforces authentication and protects /config with the admin token.
     environment: Environment = "development"
+    #: Version reported in /health and metrics (defaults to the package version).
     version: str = __version__
     log_level: LogLevel = "info"
+    #: Hosted data (the notes database); given to hosted apps as MCP_APPLIANCE_DATA_DIR.
     data_dir: Path = Path("/var/lib/mcp-appliance")
+    #: Process logs and the audit trail.
     log_dir: Path = Path("/var/log/mcp-appliance")
+    #: Rendered configs, sockets, pid files, metrics files; recreated at each start.
     run_dir: Path = Path("/run/mcp-appliance")
     #: Unprivileged user for every process but supervisord and the nginx master,
     #: applied only when the appliance starts as root.
@@ -262,6 +282,7 @@ class Settings:
     log_target: Literal["files", "stdout"] = "files"
     #: Rotation of the files under log_dir (supervisord does it; no logrotate needed).
     log_max_bytes: int = 50 * 1024 * 1024
+    #: Rotated files kept per log.
     log_backups: int = 5
     http: HttpSettings = field(default_factory=HttpSettings)
     workers: WorkersSettings = field(default_factory=WorkersSettings)

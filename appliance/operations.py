@@ -365,7 +365,10 @@ class Operator:
         pids: dict[int, int] = {}
         for k in indices:
             info = self._info(k)
-            if info is not None and info.state == "RUNNING":
+            doc = self._probe(k)
+            # Serving (its probe answers from that pid), even if still within startsecs: only
+            # then is the SIGUSR1 handler installed (before that the signal would kill it).
+            if info is not None and info.state in {"STARTING", "RUNNING"} and doc and doc.get("pid") == info.pid:
                 with _unless(Faults.NOT_RUNNING):
                     self.supervisor.signal(worker_program(k), "USR1")
                     pids[k] = info.pid

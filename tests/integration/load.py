@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,18 @@ import anyio
 import httpx2
 
 from tests.integration.clients import LEGACY_VERSION, legacy_request_headers, mcp_client, modern_request
+
+
+@contextlib.contextmanager
+def first_error() -> Iterator[None]:
+    """Re-raise the first real error out of nested task-group exception groups (readable failures)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from group
 
 
 @dataclass
@@ -37,7 +49,7 @@ class Outcomes:
 
     def fail(self, kind: str, detail: str) -> None:
         self.failures[kind] += 1
-        self.samples.setdefault(kind, detail[:500])
+        self.samples.setdefault(kind, detail[:3000])
 
     @property
     def failed(self) -> int:
@@ -60,7 +72,8 @@ class ModernLoad:
         self.outcomes = Outcomes()
         #: X-Request-ID of every call answered with a result, to match against the audit trail.
         self.answered: list[str] = []
-        #: X-Request-ID of 502 answers: calls a worker was handling when it died (see nginx.conf).
+        #: X-Request-ID of calls a worker was handling when it died: a 502 (see nginx.conf), or an
+        #: answer cut off when the worker had begun to send it.
         self.interrupted: list[str] = []
         self.tag = uuid.uuid4().hex[:12]
         self._stop = anyio.Event()
@@ -76,6 +89,15 @@ class ModernLoad:
                 rid = headers["X-Request-ID"] = f"load-{self.tag}-{n}-{i}"
                 try:
                     response = await client.post(self.url, headers=headers, content=body)
+                except httpx2.RemoteProtocolError as exc:
+                    if "complete message body" not in str(exc):
+                        self.outcomes.fail(type(exc).__name__, repr(exc))
+                        continue
+                    # The worker died while sending its answer: nginx had passed the headers on
+                    # already, so the answer is cut off instead of becoming a 502. Mid-call too.
+                    self.interrupted.append(rid)
+                    self.outcomes.fail("cut off", repr(exc))
+                    continue
                 except httpx2.HTTPError as exc:
                     self.outcomes.fail(type(exc).__name__, repr(exc))
                     continue

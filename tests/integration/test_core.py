@@ -19,7 +19,7 @@ from mcp import Client
 
 from appliance.config import load_settings, redacted
 from appliance.health import worker_process_name
-from tests.harness import Appliance, cleanup, http, new_appliance
+from tests.harness import Appliance, cleanup, http, new_appliance, wait_until
 from tests.integration.clients import (
     LEGACY_VERSION,
     MODERN_VERSION,
@@ -63,7 +63,13 @@ def structured(result: Any) -> Any:
 
 
 def test_supervisorctl_status_shows_every_program_running(appliance: Appliance) -> None:
-    result = supervisorctl(appliance, "status")
+    # Workers serve before supervisord calls them RUNNING: they stay STARTING for startsecs
+    # (5 s, so that a worker that dies while importing its app counts as a failed start).
+    def settled() -> subprocess.CompletedProcess[str] | None:
+        result = supervisorctl(appliance, "status")
+        return result if "STARTING" not in result.stdout else None
+
+    result = wait_until(settled, 30, "no program STARTING any more")
     assert result.returncode == 0, result.stdout + result.stderr
     states = dict(line.split()[:2] for line in result.stdout.splitlines() if line.strip())
     expected = {worker_process_name(k) for k in range(WORKERS)} | {"admin", "nginx", "events"}

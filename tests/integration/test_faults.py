@@ -100,10 +100,11 @@ async def test_killed_worker_fails_only_the_calls_it_was_running_and_loses_no_re
             await modern.wait_for_calls(50)
 
     # Requests that never reached the dead worker were retried on the other one; only calls it
-    # was handling failed, with the 502 that says they may or may not have run.
-    assert set(modern.outcomes.failures) <= {"502"}, modern.outcomes
-    assert len(modern.interrupted) <= modern.loops * kills, modern.outcomes
-    assert legacy.outcomes.failed == 0, legacy.outcomes  # its sessions ended with 404 and re-initialized
+    # was handling failed: a 502 that says they may or may not have run, or (when it had begun
+    # to answer) an answer cut off. Each load loop has one call in flight at a time.
+    assert set(modern.outcomes.failures) <= {"502", "cut off"}, str(modern.outcomes)
+    assert len(modern.interrupted) <= modern.loops * kills, str(modern.outcomes)
+    assert legacy.outcomes.failed == 0, str(legacy.outcomes)  # its sessions ended with 404, re-initialized
 
     # Nothing lost: one audit record per answered call (an interrupted call may have one too).
     records = [r for r in audit_records(appliance) if r["request_id"].startswith(f"load-{modern.tag}-")]
