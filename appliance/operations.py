@@ -202,8 +202,9 @@ class Operator:
                 self.supervisor.remove_group("events")
                 self.supervisor.add_group("events")
                 self._note("event listener restarted with its new settings")
-            if "nginx" in changed:
-                self._note("warning: nginx's program settings changed; they apply at the next restart")
+            for program in sorted({"nginx", "admin"} & set(changed)):
+                self._note(f"warning: {program}'s program settings (e.g. log rotation) changed; "
+                           "they apply at the next restart")
             if nginx_changed:
                 write_files({"nginx.conf": files["nginx.conf"]}, self.run_dir)
                 self.supervisor.signal("nginx", "HUP")
@@ -223,7 +224,10 @@ class Operator:
 
     @contextlib.contextmanager
     def _operation(self, name: str) -> Iterator[RuntimeState]:
-        lock = os.open(self.run_dir / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            lock = os.open(self.run_dir / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OperationError(f"no running appliance in run_dir {self.run_dir}: {exc.strerror}") from None
         try:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -231,7 +235,8 @@ class Operator:
                 raise Busy("another operation (scale, reload or restart) is running; try again when it is done") from None
             state = read_state(self.run_dir)
             if state is None:
-                raise OperationError(f"no running appliance: {state_path(self.run_dir)} is missing (start it with `mcp-appliance run`)")
+                raise OperationError(f"no running appliance: {state_path(self.run_dir)} is missing "
+                                     "(start it with `mcp-appliance run`)")
             self.result = Result(name, workers=state.workers)
             started = time.monotonic()
             try:
@@ -258,7 +263,7 @@ class Operator:
         self.result.actions.append(message)
 
     def _context(self, state: RuntimeState) -> RenderContext:
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in state.render_context.items()}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in state.render_context.items()}
         return RenderContext(**values)
 
     def _sync_supervisord(self, live: Settings, state: RuntimeState) -> tuple[list[str], list[str], list[str]]:

@@ -27,10 +27,11 @@ MAX_WORKERS = 64
 #: connection itself (nginx could be sending a request on it that instant); it waits this
 #: long for nginx to close them.
 UPSTREAM_IDLE_TIMEOUT = 2
-#: Seconds nginx keeps using one connection to the pool. A connection stays with the worker
-#: it was opened to, even after its slot was re-pointed; renewing connections this often
-#: lets a worker that joined (scale, restart) take its share within seconds.
-POOL_CONNECTION_LIFETIME = 2
+#: Requests nginx sends over one pooled connection before it opens a new one. A connection
+#: stays with the worker it was opened to, even after its slot was re-pointed: renewing them
+#: lets a worker that joined (scale, restart) take its share within seconds under load (idle
+#: ones go after UPSTREAM_IDLE_TIMEOUT anyway), for one new connection per 100 requests.
+POOL_CONNECTION_REQUESTS = 100
 
 
 def workers_dir(run_dir: Path) -> Path:

@@ -107,7 +107,7 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "session_pattern": rf"~^n{settings.node.ordinal}w(?<mcp_worker>[0-9]|[1-5][0-9]|6[0-3])-",
         "pool_slots": [pool.slot_path(settings.run_dir, j) for j in range(pool.SLOTS)],
         "upstream_idle_timeout": pool.UPSTREAM_IDLE_TIMEOUT,
-        "pool_connection_lifetime": pool.POOL_CONNECTION_LIFETIME,
+        "pool_connection_requests": pool.POOL_CONNECTION_REQUESTS,
         # A refused slot is retried on the next one; every slot may be tried once.
         "retry_tries": pool.SLOTS,
         "admin_address": f"{settings.admin.host}:{settings.admin.port}",

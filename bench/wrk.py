@@ -43,6 +43,8 @@ class Figures:
     rate: float | None = None  # requests/s per connection asked for (None: as fast as possible)
     #: The errors by kind: "socket N, answers M" (answers: non-2xx or not a successful tool result).
     detail: str = ""
+    #: Over several runs (see median): the lowest and highest req/s.
+    rps_range: tuple[float, float] | None = None
 
     def row(self) -> dict[str, Any]:
         return {"rps": round(self.rps), "p50_ms": round(self.p50_ms, 2), "p99_ms": round(self.p99_ms, 2),
@@ -59,6 +61,7 @@ def median(runs: list[Figures]) -> Figures:
         runs[0], seconds=sum(r.seconds for r in runs), requests=sum(r.requests for r in runs),
         rps=mid([r.rps for r in runs]), p50_ms=mid([r.p50_ms for r in runs]), p90_ms=mid([r.p90_ms for r in runs]),
         p99_ms=mid([r.p99_ms for r in runs]), errors=sum(r.errors for r in runs),
+        rps_range=(min(r.rps for r in runs), max(r.rps for r in runs)),
     )
 
 
@@ -86,7 +89,8 @@ function done(summary, latency, requests)
   for _, t in ipairs(threads) do total = total + t:get("bad") end
   local e = summary.errors
   io.write(string.format(
-    'FIGURES {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"socket_errors":%d,"status_errors":%d,"bad":%d}\\n',
+    'FIGURES {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,' ..
+    '"socket_errors":%d,"status_errors":%d,"bad":%d}\\n',
     summary.requests, summary.duration, latency:percentile(50.0), latency:percentile(90.0),
     latency:percentile(99.0), e.connect + e.read + e.write + e.timeout, e.status, total))
 end

@@ -117,7 +117,7 @@ async def test_scale_2_to_4_to_1_under_load_fails_no_modern_call_and_keeps_survi
     modern = ModernLoad(appliance.mcp_url, loops=4)
     with first_error():
         # Right after a restart nginx's pooled connections still favour the older worker for a
-        # second or two (pool.POOL_CONNECTION_LIFETIME): allow enough tries to find both.
+        # second or two (pool.UPSTREAM_IDLE_TIMEOUT): allow enough tries to find both.
         async with sessions_on_two_workers(appliance.mcp_url, tries=40) as (kept, removed), modern.running():
             await scale_2_4_1(appliance, modern, kept, removed, before)
     assert modern.outcomes.failed == 0, str(modern.outcomes)
