@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from appliance import metrics
+from appliance import metrics, scrape
 from appliance.config import Settings, redacted
 from appliance.gate.audit import AdminAudit
 from appliance.gate.auth import WELL_KNOWN, AdminGuard, protected_resource_metadata
@@ -53,7 +53,7 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
         return JSONResponse(redacted(settings))
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(await metrics.scrape(settings, checker), media_type=metrics.CONTENT_TYPE)
+        return Response(await scrape.scrape(settings, checker), media_type=scrape.CONTENT_TYPE)
 
     async def resource_metadata(request: Request) -> JSONResponse:
         if settings.auth.mode != "jwt":

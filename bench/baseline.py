@@ -3,13 +3,14 @@
 No nginx, no gate: the default notes server's Streamable HTTP app, built with the same
 transport options the appliance's workers use, on hypercorn with uvloop.
 
-Usage (bench/run.py starts it): python -m bench.baseline --port P --data-dir D [--stateless]
+Usage (bench/run.py starts it): python -m bench.baseline --port P --data-dir D [--stateless] [--gc-freeze]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 
@@ -19,6 +20,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--data-dir", required=True, help="where the notes server keeps its database")
     parser.add_argument("--stateless", action="store_true", help="legacy era without sessions")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="call gc.freeze() once the app is built, as the appliance's workers do")
     args = parser.parse_args()
     os.environ["MCP_APPLIANCE_DATA_DIR"] = args.data_dir  # read by the notes server
 
@@ -34,6 +37,8 @@ def main() -> None:
         stateless_http=args.stateless,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
+    if args.gc_freeze:
+        gc.freeze()
     config = Config()
     config.bind = [f"127.0.0.1:{args.port}"]
     config.accesslog = None

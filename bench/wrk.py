@@ -45,6 +45,8 @@ class Figures:
     detail: str = ""
     #: Over several runs (see median): the lowest and highest req/s.
     rps_range: tuple[float, float] | None = None
+    #: CPU microseconds per request by process group ("workers", "nginx", "other", "wrk"), when measured.
+    cpu_us: dict[str, float] | None = None
 
     def row(self) -> dict[str, Any]:
         return {"rps": round(self.rps), "p50_ms": round(self.p50_ms, 2), "p99_ms": round(self.p99_ms, 2),
@@ -62,7 +64,16 @@ def median(runs: list[Figures]) -> Figures:
         rps=mid([r.rps for r in runs]), p50_ms=mid([r.p50_ms for r in runs]), p90_ms=mid([r.p90_ms for r in runs]),
         p99_ms=mid([r.p99_ms for r in runs]), errors=sum(r.errors for r in runs),
         rps_range=(min(r.rps for r in runs), max(r.rps for r in runs)),
+        cpu_us=_median_cpu([r.cpu_us for r in runs]),
     )
+
+
+def _median_cpu(runs: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """CPU per request by process group, the median over runs that measured it (None if any did not)."""
+    measured = [r for r in runs if r]
+    if len(measured) != len(runs) or not measured:
+        return None
+    return {group: statistics.median(r[group] for r in measured) for group in measured[0]}
 
 
 def _lua_str(text: str) -> str:

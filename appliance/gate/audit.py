@@ -33,10 +33,14 @@ def audit_dir(log_dir: Path) -> Path:
     return log_dir / "audit"
 
 
+# One encoder each, made once: json.dumps with options builds a new encoder per call.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_line = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
 def arguments_digest(arguments: Any) -> str:
     """sha256 of the canonical JSON of a call's arguments (sorted keys, no spaces, UTF-8)."""
-    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return "sha256:" + hashlib.sha256(_canonical(arguments).encode()).hexdigest()
 
 
 def _now() -> str:
@@ -64,7 +68,7 @@ class AuditWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record now (before the answer it describes is sent)."""
-        data = (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+        data = (_line(record) + "\n").encode()
         try:
             if self.size + len(data) > self.max_bytes and self.size > 0:
                 self._rotate()

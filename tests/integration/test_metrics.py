@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.metrics import exported_names
+from appliance.scrape import exported_names
 from tests.harness import Appliance, cleanup, http, new_appliance, wait_until
 from tests.integration.clients import LEGACY_VERSION, modern_request
 from tests.integration.gatekit import call

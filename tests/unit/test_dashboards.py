@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from appliance.metrics import exported_names
+from appliance.scrape import exported_names
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DASHBOARD = CONF / "grafana" / "dashboards" / "mcp-appliance.json"

@@ -1,0 +1,74 @@
+"""The benchmark's load generator measures real MCP calls: wrk's Lua scripts against a real appliance.
+
+Not a timing test (bench/run.py reports timings): each kind of traffic the benchmark
+sends must be answered with successful tool results through nginx and the gate, and an
+answer that is not a successful tool result must be counted as an error, or the
+benchmark's figures would count failures as throughput.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import wrk
+from tests.harness import Appliance, cleanup, http, new_appliance
+from tests.integration.clients import modern_request
+
+pytestmark = pytest.mark.integration
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def appliance() -> Iterator[Appliance]:
+    app = new_appliance(WORKERS)
+    try:
+        app.start()
+        app.wait_healthy(timeout=60, workers=WORKERS)
+        headers, body = modern_request("tools/call", "add_note", {
+            "name": "add_note", "arguments": {"title": "bench", "body": "read by the load", "tags": []}})
+        status, _, answer = http("POST", app.mcp_url, body, headers)
+        assert status == 200 and b'"isError":false' in answer, answer
+        yield app
+    finally:
+        cleanup(app)
+
+
+def audited_calls(app: Appliance) -> int:
+    """tools/call records in every worker's audit file."""
+    audit = Path(app.settings["log_dir"]) / "audit"
+    return sum(path.read_text().count('"method":"tools/call"') for path in audit.glob("worker-*.jsonl"))
+
+
+@pytest.mark.parametrize("kind", ["modern", "sessions"])
+def test_benchmark_traffic_is_successful_tool_calls(appliance: Appliance, kind: str) -> None:
+    before = audited_calls(appliance)
+    figures = wrk.run(appliance.mcp_url, kind, 1, 4, "get_note", {"id": 1})
+    assert figures.requests > 0
+    assert figures.errors == 0, figures.detail
+    # wrk's count is of real calls: every one reached a worker and was audited (sessions:
+    # initialize and initialized once per connection are requests too, and not tool calls).
+    setup = 2 * 4 if kind == "sessions" else 0
+    assert audited_calls(appliance) - before >= figures.requests - setup - 4  # up to one in flight per connection
+
+
+def test_stateless_benchmark_traffic_is_successful_tool_calls(make_appliance: Callable[..., Appliance]) -> None:
+    app = make_appliance(1, mcp={"sessions": False})
+    app.start()
+    app.wait_healthy(timeout=60, workers=1)
+    headers, body = modern_request("tools/call", "add_note", {
+        "name": "add_note", "arguments": {"title": "bench", "body": "read by the load", "tags": []}})
+    assert http("POST", app.mcp_url, body, headers)[0] == 200
+    figures = wrk.run(app.mcp_url, "stateless", 1, 4, "get_note", {"id": 1})
+    assert figures.requests > 0
+    assert figures.errors == 0, figures.detail
+
+
+def test_an_answer_that_is_not_a_successful_tool_result_counts_as_an_error(appliance: Appliance) -> None:
+    # get_note of a note that does not exist: HTTP 200 with isError true.
+    figures = wrk.run(appliance.mcp_url, "modern", 1, 2, "get_note", {"id": 999_999})
+    assert figures.requests > 0
+    assert figures.errors == figures.requests, figures.detail
