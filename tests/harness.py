@@ -7,6 +7,7 @@ PID this harness started, never by name.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -220,6 +221,17 @@ def new_appliance(workers: int = 2, env: Mapping[str, str] | None = None, **over
             settings[key] = value
     return Appliance(base=base, settings=settings, env=dict(env or {}))
 
+
+
+@contextlib.contextmanager
+def running(app: Appliance) -> Iterator[Appliance]:
+    """`app` started, with every worker serving, for the block; stopped after it whatever happens."""
+    try:
+        app.start()
+        app.wait_healthy(timeout=60, workers=int(app.settings["workers"]["count"]))
+        yield app
+    finally:
+        cleanup(app)
 
 def cleanup(appliance: Appliance) -> None:
     """Stop it and remove its directory."""

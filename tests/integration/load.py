@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import httpx2
@@ -59,7 +60,35 @@ class Outcomes:
         return f"ok={self.ok} failures={dict(self.failures)} samples={self.samples}"
 
 
-class ModernLoad:
+class BackgroundLoad:
+    """What both loads share: their clients run for the duration of a block, outcomes counted."""
+
+    outcomes: Outcomes
+    _stop: anyio.Event
+
+    def _tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Self]:
+        """Run the clients in the background for the duration of the block."""
+        async with anyio.create_task_group() as tg:
+            for task in self._tasks():
+                tg.start_soon(task)
+            try:
+                yield self
+            finally:
+                self._stop.set()
+
+    async def wait_for_calls(self, count: int, timeout: float = 30) -> None:
+        """Until at least `count` more calls succeeded (the load is really flowing)."""
+        target = self.outcomes.ok + count
+        with anyio.fail_after(timeout):
+            while self.outcomes.ok < target:
+                await anyio.sleep(0.02)
+
+
+class ModernLoad(BackgroundLoad):
     """`loops` concurrent clients sending 2026-07-28 tools/call requests back to back."""
 
     def __init__(self, url: str, loops: int = 4, tool: str = "search_notes",
@@ -110,23 +139,8 @@ class ModernLoad:
                 else:
                     self.outcomes.fail(str(response.status_code), response.text)
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[ModernLoad]:
-        """Run the loops in the background for the duration of the block."""
-        async with anyio.create_task_group() as tg:
-            for n in range(self.loops):
-                tg.start_soon(self._loop, n)
-            try:
-                yield self
-            finally:
-                self._stop.set()
-
-    async def wait_for_calls(self, count: int, timeout: float = 30) -> None:
-        """Until at least `count` more calls succeeded (the load is really flowing)."""
-        target = self.outcomes.ok + count
-        with anyio.fail_after(timeout):
-            while self.outcomes.ok < target:
-                await anyio.sleep(0.02)
+    def _tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        return [functools.partial(self._loop, n) for n in range(self.loops)]
 
 
 @dataclass
@@ -138,7 +152,7 @@ class SessionRecord:
     ended: list[str] = field(default_factory=list)
 
 
-class LegacyLoad:
+class LegacyLoad(BackgroundLoad):
     """`sessions` SDK clients in legacy mode, each calling a tool every `pause` seconds."""
 
     def __init__(self, url: str, sessions: int = 4, pause: float = 0.05, limit: float = 120) -> None:
@@ -170,23 +184,8 @@ class LegacyLoad:
                 else:
                     self.outcomes.fail(type(exc).__name__, repr(exc))
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[LegacyLoad]:
-        """Run the sessions in the background for the duration of the block."""
-        async with anyio.create_task_group() as tg:
-            for record in self.records:
-                tg.start_soon(self._client, record)
-            try:
-                yield self
-            finally:
-                self._stop.set()
-
-    async def wait_for_calls(self, count: int, timeout: float = 30) -> None:
-        """Until at least `count` more calls succeeded."""
-        target = self.outcomes.ok + count
-        with anyio.fail_after(timeout):
-            while self.outcomes.ok < target:
-                await anyio.sleep(0.02)
+    def _tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        return [functools.partial(self._client, record) for record in self.records]
 
     @property
     def ended(self) -> list[str]:

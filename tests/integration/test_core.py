@@ -19,7 +19,7 @@ from mcp import Client
 
 from appliance.config import load_settings, redacted
 from appliance.health import worker_process_name
-from tests.harness import Appliance, cleanup, http, new_appliance, wait_until
+from tests.harness import Appliance, http, new_appliance, running, wait_until
 from tests.integration.clients import (
     LEGACY_VERSION,
     MODERN_VERSION,
@@ -42,13 +42,8 @@ SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
 
 @pytest.fixture(scope="module")
 def appliance() -> Iterator[Appliance]:
-    app = new_appliance(WORKERS)
-    try:
-        app.start()
-        app.wait_healthy(timeout=60, workers=WORKERS)
+    with running(new_appliance(WORKERS)) as app:
         yield app
-    finally:
-        cleanup(app)
 
 
 def supervisorctl(app: Appliance, *args: str) -> subprocess.CompletedProcess[str]:

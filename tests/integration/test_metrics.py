@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.scrape import exported_names
-from tests.harness import Appliance, cleanup, http, new_appliance, wait_until
+from tests.harness import Appliance, http, new_appliance, running, wait_until
 from tests.integration.clients import LEGACY_VERSION, modern_request
 from tests.integration.gatekit import call
 
@@ -27,13 +27,8 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def appliance() -> Iterator[Appliance]:
     # Anonymous callers hold no scope: the default policy refuses them add_note and delete_note.
-    app = new_appliance(WORKERS, auth={"anonymous_scopes": []}, mcp={"allowed_hosts": ["127.0.0.1:*"]})
-    try:
-        app.start()
-        app.wait_healthy(timeout=60, workers=WORKERS)
+    with running(new_appliance(WORKERS, auth={"anonymous_scopes": []}, mcp={"allowed_hosts": ["127.0.0.1:*"]})) as app:
         yield app
-    finally:
-        cleanup(app)
 
 
 def scrape(app: Appliance) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
