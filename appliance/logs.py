@@ -31,6 +31,15 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class _OncePerStatelessRequest(logging.Filter):
+    """Drops the SDK's "Terminating session: None", which it logs for every stateless request
+    (each gets a throw-away transport): a line per call would cost more CPU than nginx's access
+    log line that already records the call, in the worker and in supervisord's log pipe."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Terminating session: None"
+
+
 def configure_logging(settings: Settings, process_name: str, worker: int | None = None) -> None:
     """Route all logging to stderr as one JSON object per line."""
     handler = logging.StreamHandler(sys.stderr)
@@ -48,3 +57,8 @@ def configure_logging(settings: Settings, process_name: str, worker: int | None 
     root.setLevel(settings.log_level.upper())
     # hypercorn's access log duplicates nginx's; its error log is kept.
     logging.getLogger("hypercorn.access").disabled = True
+    sdk = logging.getLogger("mcp.server.streamable_http")
+    if not any(isinstance(f, _OncePerStatelessRequest) for f in sdk.filters):
+        sdk.addFilter(_OncePerStatelessRequest())
+    # httpx2 logs a line per outgoing request (the admin app probes every worker for each /health).
+    logging.getLogger("httpx2").setLevel(logging.WARNING if root.level > logging.DEBUG else logging.NOTSET)
