@@ -331,11 +331,16 @@ def test_it_wrote_its_state_where_documented_and_logged_to_stdout(container: Con
     run_dir = container.writable[paths["run"]]
     assert {"supervisord.conf", "nginx.conf"} <= {p.name for p in run_dir.iterdir()}
     assert any(container.writable[paths["data"]].iterdir()), "the notes server keeps its data in the data dir"
-    # Logs: nginx's access log and supervisord's own lines on stdout, not in files.
-    output = container.output.read_text(errors="replace")
-    access = [json.loads(line) for line in output.splitlines() if '"logger":"nginx.access"' in line.replace(" ", "")]
-    assert any(entry["uri"] == "/health" for entry in access), output[-3000:]
-    assert "supervisord started" in output
+    # Logs: nginx's access log and supervisord's own lines on stdout, not in files. nginx
+    # buffers its access log for up to a second (nginx.conf.j2), so the last lines may lag.
+
+    def health_logged() -> bool:
+        output = container.output.read_text(errors="replace")
+        access = [json.loads(line) for line in output.splitlines() if '"logger":"nginx.access"' in line.replace(" ", "")]
+        return any(entry["uri"] == "/health" for entry in access)
+
+    wait_until(health_logged, 10, "an access log line for /health on stdout")
+    assert "supervisord started" in container.output.read_text(errors="replace")
     assert not list(container.writable[paths["log"]].glob("*.log"))
 
 
