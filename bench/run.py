@@ -54,7 +54,7 @@ from appliance.health import worker_process_name  # noqa: E402
 from appliance.preflight import prepare_dirs  # noqa: E402
 from bench import wrk  # noqa: E402
 from tests.harness import Appliance, cleanup, free_port_block, new_appliance, to_toml, wait_until  # noqa: E402
-from tests.integration.clients import modern_request  # noqa: E402
+from tests.integration.clients import modern_request, probes  # noqa: E402
 from tests.integration.load import RawSession  # noqa: E402
 
 TOOL, ARGUMENTS = "get_note", {"id": 1}  # a small read of the notes database
@@ -246,12 +246,7 @@ def cpu_seconds(server: Server) -> dict[str, float]:
 def open_sessions(server: Server) -> int:
     """Legacy sessions the workers hold now (their probes say)."""
     assert server.appliance is not None
-    settings = server.appliance.settings["workers"]
-    total = 0
-    for k in range(settings["count"]):
-        probe = f"http://127.0.0.1:{settings['base_port'] + k}/_appliance/health"
-        total += httpx2.get(probe, timeout=5, trust_env=False).json()["sessions_open"]
-    return total
+    return sum(probe["sessions_open"] for probe in probes(server.appliance).values())
 
 
 def session_memory(server: Server, sessions: int) -> dict[str, float]:

@@ -222,7 +222,6 @@ def new_appliance(workers: int = 2, env: Mapping[str, str] | None = None, **over
     return Appliance(base=base, settings=settings, env=dict(env or {}))
 
 
-
 @contextlib.contextmanager
 def running(app: Appliance) -> Iterator[Appliance]:
     """`app` started, with every worker serving, for the block; stopped after it whatever happens."""
@@ -232,6 +231,7 @@ def running(app: Appliance) -> Iterator[Appliance]:
         yield app
     finally:
         cleanup(app)
+
 
 def cleanup(appliance: Appliance) -> None:
     """Stop it and remove its directory."""

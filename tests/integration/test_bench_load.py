@@ -14,26 +14,18 @@ from pathlib import Path
 import pytest
 
 from bench import wrk
-from tests.harness import Appliance, http, new_appliance, running
-from tests.integration.clients import modern_request
+from bench.run import seed
+from tests.harness import Appliance, new_appliance, running
 
 pytestmark = pytest.mark.integration
 
 CONNECTIONS = 4
 
 
-def add_note(app: Appliance) -> None:
-    """Note 1, which the load reads."""
-    headers, body = modern_request("tools/call", "add_note", {
-        "name": "add_note", "arguments": {"title": "bench", "body": "read by the load", "tags": []}})
-    status, _, answer = http("POST", app.mcp_url, body, headers)
-    assert status == 200 and b'"isError":false' in answer, answer
-
-
 @pytest.fixture(scope="module")
 def appliance() -> Iterator[Appliance]:
     with running(new_appliance(2)) as app:
-        add_note(app)
+        seed(app.mcp_url)
         yield app
 
 
@@ -60,7 +52,7 @@ def test_stateless_benchmark_traffic_is_successful_tool_calls(make_appliance: Ca
     app = make_appliance(1, mcp={"sessions": False})
     app.start()
     app.wait_healthy(timeout=60, workers=1)
-    add_note(app)
+    seed(app.mcp_url)
     figures = wrk.run(app.mcp_url, "stateless", 1, CONNECTIONS, "get_note", {"id": 1})
     assert figures.requests > 0
     assert figures.errors == 0, figures.detail

@@ -7,6 +7,7 @@ figures are counts of failed requests, never timings.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -66,6 +67,21 @@ def nginx_worker_pids(appliance: Appliance) -> set[int]:
     """nginx's worker processes: they change on every nginx reload (HUP)."""
     master = {p.name: p for p in appliance.supervisor.processes()}["nginx"].pid
     return {child.pid for child in psutil.Process(master).children()}
+
+
+@contextlib.contextmanager
+def config_restored(appliance: Appliance) -> Iterator[str]:
+    """The block may rewrite appliance.toml (its original text is yielded); the original comes back after it."""
+    original = appliance.config_path.read_text()
+    try:
+        yield original
+    finally:
+        appliance.config_path.write_text(original)
+
+
+def with_setting(appliance: Appliance, section: str, **values: Any) -> str:
+    """appliance.toml with `values` changed in `section`."""
+    return to_toml({**appliance.settings, section: {**appliance.settings[section], **values}})
 
 
 def set_workers(appliance: Appliance, count: int) -> None:
@@ -192,16 +208,12 @@ def test_a_live_scale_survives_reload_until_the_config_count_changes(appliance: 
     assert result.returncode == 0, result.stderr
     assert len(worker_pids(appliance)) == 3  # appliance.toml still says 2, but it did not change
 
-    original = appliance.config_path.read_text()
-    try:
-        appliance.config_path.write_text(to_toml({**appliance.settings, "workers": {
-            **appliance.settings["workers"], "count": 1}}))
+    with config_restored(appliance):
+        appliance.config_path.write_text(with_setting(appliance, "workers", count=1))
         result = appliance.command("reload", timeout=300)
         assert result.returncode == 0, result.stderr
         assert "scaling 3 -> 1" in result.stdout, result.stdout
         assert list(worker_pids(appliance)) == [worker_process_name(0)]
-    finally:
-        appliance.config_path.write_text(original)
     result = appliance.command("reload", timeout=300)  # back to appliance.toml's 2
     assert result.returncode == 0, result.stderr
     assert len(appliance.wait_healthy(timeout=60, workers=2)["probes"]) == 2
@@ -211,10 +223,8 @@ def test_reload_applies_nginx_settings_with_a_graceful_nginx_reload(appliance: A
     set_workers(appliance, 2)
     master = {p.name: p for p in appliance.supervisor.processes()}["nginx"].pid
     nginx_before = nginx_worker_pids(appliance)
-    original = appliance.config_path.read_text()
-    try:
-        appliance.config_path.write_text(to_toml({**appliance.settings, "http": {
-            **appliance.settings["http"], "read_timeout": 1234}}))
+    with config_restored(appliance):
+        appliance.config_path.write_text(with_setting(appliance, "http", read_timeout=1234))
         result = appliance.command("reload", timeout=300)
         assert result.returncode == 0, result.stderr
         assert "nginx reloaded" in result.stdout, result.stdout
@@ -222,8 +232,6 @@ def test_reload_applies_nginx_settings_with_a_graceful_nginx_reload(appliance: A
         # The same master re-read its configuration (HUP) and started new worker processes.
         assert {p.name: p for p in appliance.supervisor.processes()}["nginx"].pid == master
         wait_until(lambda: nginx_worker_pids(appliance).isdisjoint(nginx_before), 30, "new nginx workers")
-    finally:
-        appliance.config_path.write_text(original)
     assert appliance.command("reload", timeout=300).returncode == 0
     assert appliance.wait_healthy(timeout=30, workers=2)["status"] == "ok"
 
@@ -231,20 +239,16 @@ def test_reload_applies_nginx_settings_with_a_graceful_nginx_reload(appliance: A
 def test_reload_refuses_bad_or_restart_only_config_and_changes_nothing(appliance: Appliance) -> None:
     set_workers(appliance, 2)
     before = worker_pids(appliance)
-    original = appliance.config_path.read_text()
-    try:
+    with config_restored(appliance) as original:
         appliance.config_path.write_text(original + "\n[workers\n")
         result = appliance.command("reload")
         assert result.returncode != 0 and "not valid TOML" in result.stderr, result.stderr
 
-        moved = {**appliance.settings, "workers": {**appliance.settings["workers"],
-                                                    "base_port": appliance.settings["workers"]["base_port"] + 100}}
-        appliance.config_path.write_text(to_toml(moved))
+        base_port = appliance.settings["workers"]["base_port"] + 100
+        appliance.config_path.write_text(with_setting(appliance, "workers", base_port=base_port))
         result = appliance.command("reload")
         assert result.returncode != 0, result.stdout
         assert "workers.base_port" in result.stderr and "restart" in result.stderr, result.stderr
-    finally:
-        appliance.config_path.write_text(original)
     assert worker_pids(appliance) == before
     assert appliance.wait_healthy(timeout=10, workers=2)["status"] == "ok"
 
