@@ -1,10 +1,19 @@
-"""The configuration reference (README's table), generated from the Settings dataclasses."""
+"""The configuration reference, generated from the Settings dataclasses: README's table and the example TOML.
+
+    python -m appliance.reference --readme README.md                     # the table between its markers
+    python -m appliance.reference --example conf/appliance.example.toml  # every key at its default
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import re
+import sys
+import textwrap
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 from appliance import config
@@ -54,10 +63,8 @@ def _default(f: dataclasses.Field[typing.Any]) -> str:
     return f"`{value}`"
 
 
-def config_reference() -> str:
-    """A Markdown table: key, type, default, environment variable, meaning."""
-    docs = _field_docs()
-    aliases = {key: name for name, key in ENV_ALIASES.items()}
+def _owners() -> dict[str, str]:
+    """Dotted key -> name of the dataclass that declares it (the key of its `#:` doc)."""
     owners: dict[str, str] = {}
 
     def walk(cls: type, prefix: str) -> None:
@@ -69,12 +76,110 @@ def config_reference() -> str:
                 owners[prefix + f.name] = cls.__name__
 
     walk(Settings, "")
+    return owners
+
+
+def config_reference() -> str:
+    """A Markdown table: key, type, default, environment variable, meaning."""
+    docs = _field_docs()
+    aliases = {key: name for name, key in ENV_ALIASES.items()}
+    owners = _owners()
     rows = ["| key | type | default | environment | meaning |", "| --- | --- | --- | --- | --- |"]
     for key, f, hint in iter_keys():
         env = f"`{env_name(key)}`" + (f", `{aliases[key]}`" if key in aliases else "")
         doc = docs.get((owners[key], f.name), "")
         rows.append(f"| `{key}` | {_type_name(hint)} | {_default(f)} | {env} | {doc} |")
     return "\n".join(rows) + "\n"
+
+
+#: Keys the example shows commented out, and why: their default is decided when the appliance
+#: runs, so writing today's value into a copied appliance.toml would pin it.
+EXAMPLE_UNSET: dict[str, str] = {
+    "version": "its default is the installed release",
+}
+
+EXAMPLE_HEADER = """\
+# mcp-appliance configuration: every key, set to its built-in default.
+# Generated from appliance/config.py by `python -m appliance.reference --example conf/appliance.example.toml`;
+# do not edit (a test keeps it in sync with the code).
+#
+# Install as /etc/mcp-appliance/appliance.toml (or point --config / MCP_APPLIANCE_CONFIG
+# at it) and keep only the keys you change: a missing key, table or file means the
+# default. Every key can also be set from the environment as MCP_APPLIANCE_<TABLE>_<KEY>
+# (e.g. MCP_APPLIANCE_WORKERS_COUNT=4; lists comma-separated); the environment wins over
+# this file. Unknown keys and values of the wrong type are errors: `mcp-appliance check`
+# names them. Files of secrets (keys, tokens, certificates) are shown where the appliance
+# looks for them and read only when a setting uses them (auth.mode, tls.enabled, ...).
+"""
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def toml_value(value: typing.Any) -> str:
+    """`value` (a default of a Settings field) as a TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        # A JSON string is a TOML basic string (no surrogate escapes with ensure_ascii=False).
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{k if _BARE_KEY.match(k) else toml_value(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"no TOML form for {value!r}")  # a new kind of setting: teach the generator
+
+
+def _choices(hint: typing.Any) -> str:
+    """What a key without a doc comment accepts, from its type."""
+    if typing.get_origin(hint) is typing.Literal:
+        return "One of " + ", ".join(toml_value(a) for a in typing.get_args(hint)) + "."
+    return _type_name(hint).capitalize() + "."
+
+
+def _comment(text: str) -> list[str]:
+    return textwrap.wrap(text, width=98, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False)
+
+
+def _example_lines(cls: type, prefix: str, docs: dict[tuple[str, str], str]) -> Iterator[str]:
+    """One table's keys (doc comment, then `key = default`), then its sub-tables."""
+    hints = typing.get_type_hints(cls)
+    aliases = {key: name for name, key in ENV_ALIASES.items()}
+    tables = []
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        key, hint = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            tables.append((key, hint))
+            continue
+        doc = docs.get((cls.__name__, f.name)) or _choices(hint)
+        if key in aliases:
+            doc += f" Also the environment variable {aliases[key]}."
+        if key in EXAMPLE_UNSET:
+            doc += f" Left unset here: {EXAMPLE_UNSET[key]}."
+        yield from _comment(doc)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{key} has no default")  # every setting needs one: a missing file means defaults
+        line = f"{f.name} = {toml_value(default)}"
+        yield f"# {line}" if key in EXAMPLE_UNSET else line
+    for key, table in tables:
+        yield ""
+        yield from _comment(inspect.getdoc(table) or "")
+        yield f"[{key}]"
+        yield from _example_lines(table, key + ".", docs)
+
+
+def example_toml() -> str:
+    """conf/appliance.example.toml: every key at its default, with its doc from config.py as a comment."""
+    lines = list(_example_lines(Settings, "", _field_docs()))
+    return EXAMPLE_HEADER + "\n" + "\n".join(lines) + "\n"
 
 
 BEGIN = "<!-- config-reference: generated by `python -m appliance.reference --readme README.md` -->"
@@ -89,10 +194,20 @@ def update_readme(path: Path) -> None:
     path.write_text(f"{head}{BEGIN}\n{config_reference()}{END}{tail}")
 
 
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] == ["--readme"]:
-        update_readme(Path(sys.argv[2]))
-    else:
+def main(argv: list[str]) -> int:
+    """--readme PATH, --example PATH, or the table on stdout."""
+    if len(argv) == 2 and argv[0] == "--readme":
+        update_readme(Path(argv[1]))
+    elif len(argv) == 2 and argv[0] == "--example":
+        Path(argv[1]).write_text(example_toml())
+    elif not argv:
         print(config_reference(), end="")
+    else:
+        print("usage: python -m appliance.reference [--readme README.md | --example conf/appliance.example.toml]",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
