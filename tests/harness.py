@@ -46,15 +46,53 @@ def wait_until(predicate: Callable[[], T], timeout: float, message: str, interva
     raise TimeoutError(f"{message} (not within {timeout:.0f}s; last error: {last_error!r})")
 
 
+#: Lowest port tests hand out: below it live the ports people's own services use (8080, 9000,
+#: the appliance's defaults 9000 and 9100+ …).
+PORT_FLOOR = 10000
+#: Ports handed out by this process, never handed out twice (an appliance may not have bound
+#: its ports yet when the next test asks).
+_HANDED: set[int] = set()
+
+
+def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range:
+    """The kernel's ephemeral range: source ports of outgoing connections come from it."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def listen_ports(ephemeral: range | None = None) -> range:
+    """Ports tests may listen on: outside the ephemeral range, or an outgoing connection
+    (any process's, a test client's, nginx's to a worker) may already hold the port an
+    appliance is about to bind ("port clash")."""
+    ephemeral = ephemeral or ephemeral_ports()
+    below = range(PORT_FLOOR, max(PORT_FLOOR, ephemeral.start))
+    above = range(max(PORT_FLOOR, ephemeral.stop), 65536)
+    return max(below, above, key=len)
+
+
 def free_port_block(count: int) -> int:
-    """A base port such that base … base+count-1 are all free on 127.0.0.1 right now."""
+    """A base port such that base … base+count-1 are free on 127.0.0.1 right now, outside the
+    kernel's ephemeral range, and not handed out before by this process.
+
+    The one port picker of the tests and the benchmark: never bind port 0 to find a port
+    for another process (that is an ephemeral port).
+    """
     import random
 
+    ports = listen_ports()
+    if len(ports) < 100 * count:
+        raise RuntimeError(f"too few ports outside the ephemeral range {ephemeral_ports()} for tests")
     for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
+        base = random.randrange(ports.start, ports.stop - count)
+        block = range(base, base + count)
+        if _HANDED.intersection(block):
+            continue
         socks = []
         try:
-            for port in range(base, base + count):
+            for port in block:
                 s = socket.socket()
                 s.bind(("127.0.0.1", port))
                 socks.append(s)
@@ -63,6 +101,7 @@ def free_port_block(count: int) -> int:
         finally:
             for s in socks:
                 s.close()
+        _HANDED.update(block)
         return base
     raise RuntimeError("no free port block")
 
@@ -198,14 +237,16 @@ class Appliance:
             _RUNNING.remove(self)
 
 
-def new_appliance(workers: int = 2, env: Mapping[str, str] | None = None, **overrides: Any) -> Appliance:
+def new_appliance(workers: int = 2, env: Mapping[str, str] | None = None, max_workers: int | None = None,
+                  **overrides: Any) -> Appliance:
     """An appliance config on fresh loopback ports in a fresh world-readable directory.
 
+    `max_workers`: also keep the ports free that scaling up to that many workers needs.
     Keyword overrides are merged into the settings: tables (dicts) key by key.
     """
     base = Path(tempfile.mkdtemp(prefix="mcp-appliance-test-", dir="/tmp"))
     base.chmod(0o755)  # the workers may run as the unprivileged service user
-    first = free_port_block(workers + 2)
+    first = free_port_block(max(workers, max_workers or 0) + 2)
     settings: dict[str, Any] = {
         "run_dir": str(base / "run"),
         "log_dir": str(base / "log"),

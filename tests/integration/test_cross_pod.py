@@ -220,7 +220,8 @@ class StubDns:
     def __init__(self) -> None:
         self.records: dict[str, str] = {}
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        # Held bound for the test, but picked like every port an appliance is given.
+        self.sock.bind(("127.0.0.1", free_port_block(1)))
         self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()

@@ -22,7 +22,7 @@ import pytest
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.harness import Appliance, cleanup, http, new_appliance, wait_until
+from tests.harness import Appliance, cleanup, free_port_block, http, new_appliance, wait_until
 from tests.integration.clients import MODERN_VERSION, legacy_request_headers, mcp_client, modern_request
 from tests.integration.gatekit import (
     add_key,
@@ -260,9 +260,7 @@ def edge() -> Iterator[tuple[Appliance, Path]]:
     app = new_appliance(1)
     try:
         cert, key = make_certificate(app.base)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            tls_port = probe.getsockname()[1]
+        tls_port = free_port_block(1)
         app.settings["tls"] = {"enabled": True, "port": tls_port, "cert_file": str(cert), "key_file": str(key),
                                "redirect_http": True, "hsts": True}
         app.settings["http"]["trusted_proxies"] = ["127.0.0.1/32"]

@@ -21,7 +21,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from appliance.health import worker_process_name
-from tests.harness import Appliance, cleanup, free_port_block, http, new_appliance, to_toml, wait_until
+from tests.harness import Appliance, cleanup, http, new_appliance, to_toml, wait_until
 from tests.integration.clients import mcp_client, sessions_on_two_workers
 from tests.integration.load import LegacyLoad, ModernLoad, first_error
 
@@ -30,11 +30,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def appliance() -> Iterator[Appliance]:
-    # Ports for up to 6 workers (the tests scale to 4), checked free together with nginx's and admin's.
-    first = free_port_block(8)
-    app = new_appliance(2)
-    app.settings["http"]["port"], app.settings["admin"]["port"] = first, first + 1
-    app.settings["workers"]["base_port"] = first + 2
+    app = new_appliance(2, max_workers=6)  # the tests scale to 4
     try:
         app.start().wait_healthy(timeout=60, workers=2)
         yield app
