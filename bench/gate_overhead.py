@@ -13,7 +13,7 @@ server's CPU time per request is reported besides req/s (robust when others shar
 cores). Second, the gate alone: the same three mounts around an ASGI app that answers at
 once, called in-process (no HTTP, no SDK), CPU time per request.
 
-Usage: python bench/gate_overhead.py [--seconds 5] [--rounds 3] [--connections 16] [--json out.json]
+Usage (from the repo root): python -m bench.gate_overhead [--seconds 5] [--rounds 3] [--connections 16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from bench import wrk
+from tests.harness import free_port_block
+from tests.integration.clients import modern_request
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-import psutil  # noqa: E402
-from quick_figures import wrk, wrk_script  # noqa: E402
-
-from tests.integration.clients import modern_request  # noqa: E402
-
 PATHS = ("raw", "light", "full")
 SCOPE = "bench:call"
+TOOL, ARGUMENTS = "add", {"a": 1, "b": 2}
 
 
 def mounts(hosted: Any, directory: Path) -> dict[str, Any]:
@@ -117,7 +117,7 @@ def gate_cpu(directory: Path, key: str, requests: int = 20000, rounds: int = 3) 
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
         await send({"type": "http.response.body", "body": answer})
 
-    headers, body = modern_request("tools/call", "add", {"name": "add", "arguments": {"a": 1, "b": 2}})
+    headers, body = modern_request("tools/call", TOOL, {"name": TOOL, "arguments": ARGUMENTS})
     raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     raw_headers += [(b"authorization", f"Bearer {key}".encode()), (b"host", b"127.0.0.1"), (b"x-real-ip", b"127.0.0.1")]
     scope = {"type": "http", "method": "POST", "path": "/mcp", "raw_path": b"/mcp", "query_string": b""}
@@ -151,21 +151,16 @@ def gate_cpu(directory: Path, key: str, requests: int = 20000, rounds: int = 3) 
     return asyncio.run(run())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def measure(seconds: int, rounds: int, connections: int) -> dict[str, Any]:
     from appliance import keys
 
     directory = Path(tempfile.mkdtemp(prefix="gate-bench-"))
     _, key = keys.add_key(directory / "keys.json", "bench", [SCOPE], None)
-    port = free_port()
+    port = free_port_block(1)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory / "metrics")}
     (directory / "metrics").mkdir()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(directory)], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.gate_overhead", "--serve", str(port), str(directory)],
+                            env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -176,28 +171,33 @@ def measure(seconds: int, rounds: int, connections: int) -> dict[str, Any]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("bench server did not start") from None
                 time.sleep(0.1)
-        headers, body = modern_request("tools/call", "add", {"name": "add", "arguments": {"a": 1, "b": 2}})
-        script = wrk_script(directory, body, {**headers, "Authorization": f"Bearer {key}"})
-        for path in PATHS:  # warm up, and prove every path answers 200
-            result = wrk(f"http://127.0.0.1:{port}/{path}", script, 1, connections)
-            assert result["non_2xx"] == 0, (path, result)
+        credentials = {"Authorization": f"Bearer {key}"}
+
+        def load(path: str, duration: float) -> wrk.Figures:
+            return wrk.run(f"http://127.0.0.1:{port}/{path}", "modern", duration, connections, TOOL, ARGUMENTS,
+                           headers=credentials)
+
+        for path in PATHS:  # warm up, and prove every path answers with successful tool results
+            result = load(path, 1)
+            assert result.errors == 0, (path, result)
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
         server = psutil.Process(proc.pid)
         for _ in range(rounds):
             for path in PATHS:
                 before = server.cpu_times()
-                result = wrk(f"http://127.0.0.1:{port}/{path}", script, seconds, connections)
+                result = load(path, seconds)
                 after = server.cpu_times()
                 # CPU the server spent per request: robust when other processes share the cores.
                 cpu = (after.user + after.system) - (before.user + before.system)
-                result["cpu_us_per_request"] = cpu * 1e6 / (result["requests_per_s"] * seconds)
-                runs[path].append(result)
+                runs[path].append({"requests_per_s": result.rps, "p50": f"{result.p50_ms:.2f}ms",
+                                   "p99": f"{result.p99_ms:.2f}ms", "errors": result.errors,
+                                   "cpu_us_per_request": cpu * 1e6 / result.requests})
         audit_lines = sum(1 for _ in (directory / "audit" / "worker-00.jsonl").open())
     finally:
         proc.terminate()
         proc.wait(30)
-    alone = subprocess.run([sys.executable, __file__, "--gate-cpu", str(directory), key], env=env,
-                           capture_output=True, text=True, timeout=600, check=True)
+    alone = subprocess.run([sys.executable, "-m", "bench.gate_overhead", "--gate-cpu", str(directory), key], env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
     summary: dict[str, Any] = {"seconds": seconds, "rounds": rounds, "connections": connections,
                                "audit_lines": audit_lines, "gate_alone_cpu_us": json.loads(alone.stdout.splitlines()[-1])}
     for path in PATHS:
@@ -205,7 +205,7 @@ def measure(seconds: int, rounds: int, connections: int) -> dict[str, Any]:
         summary[path] = {"requests_per_s": rps, "us_per_request": 1e6 / rps,
                          "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in runs[path]),
                          "p50": [r["p50"] for r in runs[path]], "p99": [r["p99"] for r in runs[path]],
-                         "non_2xx": sum(r["non_2xx"] for r in runs[path])}
+                         "errors": sum(r["errors"] for r in runs[path])}
     raw = summary["raw"]["us_per_request"]
     for path in ("light", "full"):
         summary[path]["overhead_us"] = summary[path]["us_per_request"] - raw

@@ -44,18 +44,20 @@ import anyio
 import httpx2
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.harness starts appliances the way the tests do
+from appliance import pool
+from appliance.config import load_settings
+from appliance.gate.services import preflight_gate
+from appliance.health import worker_process_name
+from appliance.preflight import prepare_dirs
+from bench import wrk
 
-from appliance import pool  # noqa: E402
-from appliance.config import load_settings  # noqa: E402
-from appliance.gate.services import preflight_gate  # noqa: E402
-from appliance.health import worker_process_name  # noqa: E402
-from appliance.preflight import prepare_dirs  # noqa: E402
-from bench import wrk  # noqa: E402
-from tests.harness import Appliance, cleanup, free_port_block, new_appliance, to_toml, wait_until  # noqa: E402
-from tests.integration.clients import modern_request, probes  # noqa: E402
-from tests.integration.load import RawSession  # noqa: E402
+# The benchmark starts appliances and talks MCP the way the tests do: one set of helpers,
+# imported as the `tests` package (run from the repo root: `python -m bench.run`).
+from tests.harness import Appliance, cleanup, free_port_block, new_appliance, to_toml, wait_until
+from tests.integration.clients import modern_request, probes
+from tests.integration.load import RawSession
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOOL, ARGUMENTS = "get_note", {"id": 1}  # a small read of the notes database
 MODERATE_CONNECTIONS, MODERATE_RATE = 4, 50.0  # 4 connections x 50 req/s = 200 req/s, paced

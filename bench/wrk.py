@@ -17,6 +17,7 @@ import json
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,22 +120,23 @@ def _call(tool: str, arguments: dict[str, Any], meta: bool) -> str:
     return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}, separators=(",", ":"))
 
 
-def script(kind: str, tool: str, arguments: dict[str, Any]) -> str:
-    """The Lua script for one kind of traffic."""
+def script(kind: str, tool: str, arguments: dict[str, Any], headers: Mapping[str, str] | None = None) -> str:
+    """The Lua script for one kind of traffic; `headers` go with every request (e.g. Authorization)."""
+    extra = dict(headers or {})
     if kind == "modern":
-        headers = _headers({"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool})
+        lua_headers = _headers({"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool, **extra})
         return _COMMON + f"""
 wrk.method = "POST"
 wrk.body = {_lua_str(_call(tool, arguments, meta=True))}
-wrk.headers = {headers}
+wrk.headers = {lua_headers}
 function response(status, headers, body) check(status, body) end
 """
     if kind == "stateless":
-        headers = _headers({"MCP-Protocol-Version": LEGACY})
+        lua_headers = _headers({"MCP-Protocol-Version": LEGACY, **extra})
         return _COMMON + f"""
 wrk.method = "POST"
 wrk.body = {_lua_str(_call(tool, arguments, meta=False))}
-wrk.headers = {headers}
+wrk.headers = {lua_headers}
 function response(status, headers, body) check(status, body) end
 """
     if kind == "sessions":
@@ -143,7 +145,7 @@ function response(status, headers, body) check(status, body) end
         initialized = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
         return _COMMON + f"""
 local state, sid = 0, nil
-local base = {_headers({"MCP-Protocol-Version": LEGACY})}
+local base = {_headers({"MCP-Protocol-Version": LEGACY, **extra})}
 local function with_session()
   local h = {{}}
   for k, v in pairs(base) do h[k] = v end
@@ -170,14 +172,15 @@ end
 
 
 def run(url: str, kind: str, seconds: float, connections: int, tool: str, arguments: dict[str, Any],
-        rate: float | None = None, threads: int = 2) -> Figures:
-    """One wrk run; `rate` (requests/s per connection) makes it a paced, moderate load."""
+        rate: float | None = None, threads: int = 2, headers: Mapping[str, str] | None = None) -> Figures:
+    """One wrk run; `rate` (requests/s per connection) makes it a paced, moderate load; `headers`
+    are sent with every request besides the MCP ones (credentials)."""
     if kind == "sessions":
         threads = connections  # one connection per thread: per-thread Lua state = per-connection session
     threads = min(threads, connections)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{kind}.lua"
-        path.write_text(script(kind, tool, arguments))
+        path.write_text(script(kind, tool, arguments, headers))
         argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
                 "-s", str(path), url]
         if rate:

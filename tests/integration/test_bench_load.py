@@ -16,6 +16,7 @@ import pytest
 from bench import wrk
 from bench.run import seed
 from tests.harness import Appliance, new_appliance, running
+from tests.integration.gatekit import add_key, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -63,3 +64,17 @@ def test_an_answer_that_is_not_a_successful_tool_result_counts_as_an_error(appli
     figures = wrk.run(appliance.mcp_url, "modern", 1, 2, "get_note", {"id": 999_999})
     assert figures.requests > 0
     assert figures.errors == figures.requests, figures.detail
+
+
+def test_benchmark_traffic_carries_the_credentials_it_is_given(make_appliance: Callable[..., Appliance]) -> None:
+    # bench/gate_overhead.py measures the gate with an API key: wrk must send it with every call.
+    app = make_appliance(1, auth={"mode": "api_keys"})
+    app.settings["auth"]["keys_file"] = str(app.base / "keys.json")
+    write_config(app)
+    key = add_key(app, "bench")
+    app.start()
+    app.wait_healthy(timeout=60, workers=1)
+    keyed = wrk.run(app.mcp_url, "modern", 1, 2, "list_notes", {}, headers={"Authorization": f"Bearer {key}"})
+    assert keyed.requests > 0 and keyed.errors == 0, keyed.detail
+    anonymous = wrk.run(app.mcp_url, "modern", 1, 2, "list_notes", {})
+    assert anonymous.requests > 0 and anonymous.errors == anonymous.requests, anonymous.detail  # 401s
