@@ -1,4 +1,5 @@
-"""The Grafana dashboard and the Prometheus rules use only metrics that /metrics exports.
+"""The Grafana dashboard and the Prometheus rules use only metrics that /metrics exports,
+and every metric an alert uses has an integration test that makes it move.
 
 `exported_names()` is the set of sample names the appliance exports; the integration
 test test_metrics.py checks that a real scrape contains every one of them.
@@ -6,6 +7,7 @@ test test_metrics.py checks that a real scrape contains every one of them.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -16,13 +18,39 @@ import yaml
 
 from appliance.scrape import exported_names
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
 DASHBOARD = CONF / "grafana" / "dashboards" / "mcp-appliance.json"
 ALERTS = CONF / "prometheus" / "alerts.yml"
 PROMETHEUS = CONF / "prometheus" / "prometheus.yml"
 METRIC = re.compile(r"\b(mcp_appliance_[a-z0-9_]+)")
 #: Series Prometheus makes itself.
 PROMETHEUS_OWN = {"up"}
+
+#: Every metric an alert uses -> the integration test that makes its condition happen on a real
+#: appliance and sees the metric change in /metrics. An alert on a metric without one fails below.
+MOVED_BY = {
+    "mcp_appliance_process_cpu_seconds_total":
+        "tests/integration/test_alert_metrics.py::test_a_workers_cpu_seconds_are_the_kernels_and_grow_while_it_serves",
+    "mcp_appliance_cpu_limit":
+        "tests/integration/test_alert_metrics.py::test_the_cpu_and_memory_limits_alerts_divide_by_are_the_machines",
+    "mcp_appliance_process_resident_memory_bytes":
+        "tests/integration/test_alert_metrics.py::test_a_new_worker_adds_its_memory_to_the_appliances_total",
+    "mcp_appliance_memory_limit_bytes":
+        "tests/integration/test_alert_metrics.py::test_the_cpu_and_memory_limits_alerts_divide_by_are_the_machines",
+    "mcp_appliance_http_errors_total":
+        "tests/integration/test_alert_metrics.py::test_a_worker_killed_in_the_middle_of_a_call_counts_a_5xx_and_a_restart",
+    "mcp_appliance_nginx_http_requests_total":
+        "tests/integration/test_alert_metrics.py::test_nginx_counts_every_request_it_serves",
+    "mcp_appliance_worker_restarts_total":
+        "tests/integration/test_metrics.py::test_counters_survive_a_worker_crash_and_the_restart_is_counted",
+    "mcp_appliance_workers_ready":
+        "tests/integration/test_alert_metrics.py::test_workers_ready_falls_to_zero_when_the_only_worker_stops_answering",
+    "mcp_appliance_audit_write_errors_total":
+        "tests/integration/test_alert_metrics.py::test_audit_records_that_cannot_be_written_are_counted",
+    "mcp_appliance_security_violations_total":
+        "tests/integration/test_metrics.py::test_requests_tools_authz_and_violations_are_counted_by_label",
+}
 
 
 def dashboard_exprs() -> list[str]:
@@ -88,3 +116,17 @@ def test_config_files_are_valid_yaml(path: Path) -> None:
 
 def test_prometheus_loads_the_alert_rules() -> None:
     assert yaml.safe_load(PROMETHEUS.read_text())["rule_files"] == ["alerts.yml"]
+
+
+def test_every_metric_an_alert_uses_has_a_test_that_moves_it() -> None:
+    names = used([rule["expr"] for rule in alert_rules()])
+    assert names, "no alert uses an appliance metric"
+    missing = sorted(names - MOVED_BY.keys())
+    assert not missing, f"alerts use metrics no test moves; write one and add it to MOVED_BY: {missing}"
+    for metric, node in MOVED_BY.items():
+        path, name = node.split("::")
+        source = (ROOT / path).read_text()
+        tests = {f.name: f for f in ast.walk(ast.parse(source)) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        assert name in tests, f"{node}: no such test"
+        assert metric in (ast.get_source_segment(source, tests[name]) or ""), f"{node} does not look at {metric}"
+        assert "pytest.mark.integration" in source, f"{path}: not an integration test (a real appliance)"
