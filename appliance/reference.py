@@ -1,7 +1,6 @@
 """The configuration reference, generated from the Settings dataclasses: README's table and the example TOML.
 
-    python -m appliance.reference --readme README.md                     # the table between its markers
-    python -m appliance.reference --example conf/appliance.example.toml  # every key at its default
+    python -m appliance.reference --readme README.md --example conf/appliance.example.toml
 """
 
 from __future__ import annotations
@@ -195,17 +194,19 @@ def update_readme(path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """--readme PATH, --example PATH, or the table on stdout."""
-    if len(argv) == 2 and argv[0] == "--readme":
-        update_readme(Path(argv[1]))
-    elif len(argv) == 2 and argv[0] == "--example":
-        Path(argv[1]).write_text(example_toml())
-    elif not argv:
+    """--readme PATH and/or --example PATH (both at once after adding a setting), or the table on stdout."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m appliance.reference", description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, help="rewrite the table between the markers of this README")
+    parser.add_argument("--example", type=Path, help="write the example appliance.toml here")
+    args = parser.parse_args(argv)
+    if args.readme:
+        update_readme(args.readme)
+    if args.example:
+        args.example.write_text(example_toml())
+    if not (args.readme or args.example):
         print(config_reference(), end="")
-    else:
-        print("usage: python -m appliance.reference [--readme README.md | --example conf/appliance.example.toml]",
-              file=sys.stderr)
-        return 2
     return 0
 
 
