@@ -10,6 +10,7 @@ One appliance with one worker serves the module; the tests that stop or kill it 
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -79,7 +80,8 @@ def test_a_workers_cpu_seconds_are_the_kernels_and_grow_while_it_serves(applianc
     low = kernel_cpu_seconds(pid)
     reported = total(scrape(appliance), "mcp_appliance_process_cpu_seconds_total", program="worker-00")
     high = kernel_cpu_seconds(pid)
-    assert low <= reported <= high  # the scrape read the kernel's figure while the worker ran
+    # The scrape read the kernel's figure while the worker ran (psutil adds user and system as floats).
+    assert low - 1e-6 <= reported <= high + 1e-6, (low, reported, high)
     assert reported > first, (first, reported)
 
 
@@ -134,7 +136,8 @@ def test_a_worker_killed_in_the_middle_of_a_call_counts_a_5xx_and_a_restart(appl
         os.kill(pid, signal.SIGKILL)
     client.join(60)
     status, _, raw = answer["r"]
-    assert status == 502 and b"stopped while handling this request" in raw, (status, raw)
+    # 502 with a JSON-RPC error: the call reached the worker and may have run (see nginx.conf.j2).
+    assert status == 502 and "error" in json.loads(raw), (status, raw)
 
     def counted() -> Samples | None:
         samples = scrape(appliance)
