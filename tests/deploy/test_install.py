@@ -31,7 +31,7 @@ import anyio
 import pytest
 
 from tests.deploy.deploy_tools import missing, require_root
-from tests.deploy.readme_commands import as_root, readme_blocks
+from tests.deploy.readme_commands import README, as_root, readme_blocks
 from tests.harness import http, wait_until
 
 pytestmark = pytest.mark.deploy
@@ -224,6 +224,17 @@ def test_readme_first_steps_run_as_printed(host: Host) -> None:
     # `keys add` ran as root and replaced the file: the service user must still read it.
     assert host.sh(f"stat -c '%a %U %G' {KEYS_FILE}").strip() == "640 root mcp-appliance"
     host.sh(f"setpriv --reuid=mcp-appliance --regid=mcp-appliance --init-groups cat {KEYS_FILE} >/dev/null")
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("curl localhost/health", '"status":"ok"'),  # README: "Everyday use", "Operations"
+    ("curl localhost/metrics", "mcp_appliance_workers_ready"),  # README: "Operations"
+    ("mcp-appliance status", "health: ok"),
+])
+def test_readme_table_commands_answer(host: Host, command: str, expected: str) -> None:
+    assert f"`{command}`" in README.read_text()
+    _, out, _ = host.readme(command)
+    assert expected in out, out[-2000:]
 
 
 def test_readme_curl_calls_list_tools_and_add_a_note_with_the_new_key(host: Host) -> None:
