@@ -246,7 +246,7 @@ class Guest:
         /etc/pip.conf, so pip in the guest reaches the package index the way the host does (the
         TLS proxy's CA bundle): an operator's machine would have its own. Settings naming what
         only the host has (find-links, a path or file: URL missing in the guest) are left out."""
-        config = configparser.ConfigParser()
+        config = configparser.ConfigParser(interpolation=None)
         config.read("/etc/pip.conf")
         if not config.has_section("global"):
             config.add_section("global")
@@ -264,7 +264,7 @@ class Guest:
     def _exists_in_guest(self, value: str) -> bool:
         """False for a value that names a local file (a path or file: URL) the guest lacks."""
         for word in value.split():
-            path = word.removeprefix("file://") if word.startswith("file://") else word
+            path = word.removeprefix("file://")
             if path.startswith("/") and not (self.root / path.lstrip("/")).exists():
                 return False
         return True
