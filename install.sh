@@ -19,10 +19,17 @@ apt-get install -y -q --no-install-recommends python3 python3-venv python3-pip c
 
 "$TOOLS/bin/ansible-playbook" -i ansible/inventory.local ansible/site.yml "$@"
 
+# The next steps, as README.md ("The two commands") gives them for the role's defaults.
 cat <<'MSG'
 
-mcp-appliance is running:   curl :80/health     supervisorctl status     mcp-appliance status
-MCP endpoint:               http://<this host>/mcp   (API keys required; production mode)
-Create a key for an agent:  sudo mcp-appliance keys add --principal my-agent --scope notes:write
-Configuration:              /etc/mcp-appliance/appliance.toml, then: systemctl reload mcp-appliance
+mcp-appliance is running (production mode: every MCP call needs an API key; none exists yet).
+Next steps, as in README.md:
+    curl localhost/health
+    supervisorctl status
+    systemctl status mcp-appliance
+    sudo mcp-appliance keys add --principal my-agent --scope notes:write   # prints an API key once
+Then point an MCP client at http://<this host>/mcp with "Authorization: Bearer <key>"
+(README.md shows the same calls with curl). Workers pick up new keys within a second.
+Settings: run ./install.sh again with -e mcp_appliance_...=... (it rewrites
+/etc/mcp-appliance/appliance.toml and reloads the service: systemctl reload mcp-appliance).
 MSG

@@ -239,9 +239,9 @@ class TlsSettings:
     enabled: bool = False
     #: The HTTPS listener's port (on http.host).
     port: int = 443
-    #: Certificate chain (PEM); nginx reads it as root, before dropping privileges.
+    #: Certificate chain (PEM), read by nginx's master: the service user under systemd, root when started as root.
     cert_file: Path = Path("/etc/mcp-appliance/tls/cert.pem")
-    #: Private key of the certificate (PEM); keep it readable by root only.
+    #: Private key of the certificate (PEM); readable by root and the service user's group only (0640).
     key_file: Path = Path("/etc/mcp-appliance/tls/key.pem")
     #: Answer plain HTTP with a 308 redirect to HTTPS (the /health endpoints stay on HTTP for probes).
     redirect_http: bool = False

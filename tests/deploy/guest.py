@@ -10,8 +10,10 @@ Run `python -m tests.deploy.guest` to build the cache ahead of time.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import signal
@@ -37,6 +39,12 @@ deb http://deb.debian.org/debian-security {SUITE}-security main
 #: Units with nothing to do in a throw-away container (logind needs dbus; apt timers would
 #: race the playbook for the dpkg lock).
 MASKED_UNITS = ("systemd-logind.service", "apt-daily.timer", "apt-daily-upgrade.timer")
+#: The environment of a fresh root login on the guest: commands an operator types run with
+#: this, not with the test's own environment (CI, tool venvs, the host's PIP_* settings).
+LOGIN_ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "LANG": "C.UTF-8",
+             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+#: pip settings of the host that name things only the host has (a local wheel directory).
+HOST_ONLY_PIP_SETTINGS = frozenset({"find-links", "config-file"})
 #: Bump when the build steps change in a way PACKAGES/SOURCES do not show.
 RECIPE_VERSION = "2"
 
@@ -226,6 +234,40 @@ class Guest:
         if check and result.returncode != 0:
             raise AssertionError(f"in guest: {' '.join(cmd)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
         return result
+
+    def shell(self, script: str, cwd: str = "/root", env: dict[str, str] | None = None,
+              check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run `script` with bash as root, in `cwd`, with a fresh login's environment (plus `env`)."""
+        variables = [f"{k}={v}" for k, v in {**LOGIN_ENV, **(env or {})}.items()]
+        return self.run("env", "-i", "-C", cwd, *variables, "bash", "-c", script, check=check, timeout=timeout)
+
+    def use_host_pip_config(self) -> None:
+        """Give the guest the host's pip settings (/etc/pip.conf and PIP_* variables) as its own
+        /etc/pip.conf, so pip in the guest reaches the package index the way the host does (the
+        TLS proxy's CA bundle): an operator's machine would have its own. Settings naming what
+        only the host has (find-links, a path or file: URL missing in the guest) are left out."""
+        config = configparser.ConfigParser(interpolation=None)
+        config.read("/etc/pip.conf")
+        if not config.has_section("global"):
+            config.add_section("global")
+        for name, value in os.environ.items():
+            if name.startswith("PIP_"):
+                config.set("global", name[4:].lower().replace("_", "-"), value)
+        for section in config.sections():
+            for key, value in list(config.items(section, raw=True)):
+                if key in HOST_ONLY_PIP_SETTINGS or not self._exists_in_guest(value):
+                    config.remove_option(section, key)
+        text = io.StringIO()
+        config.write(text)
+        (self.root / "etc/pip.conf").write_text(text.getvalue())
+
+    def _exists_in_guest(self, value: str) -> bool:
+        """False for a value that names a local file (a path or file: URL) the guest lacks."""
+        for word in value.split():
+            path = word.removeprefix("file://")
+            if path.startswith("/") and not (self.root / path.lstrip("/")).exists():
+                return False
+        return True
 
     def shutdown(self, timeout: float = 60) -> None:
         """Power off through systemd; kill by PID only if it does not stop in time."""

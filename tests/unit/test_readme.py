@@ -64,3 +64,25 @@ def test_example_generator_writes_valid_toml_for_new_kinds_of_settings() -> None
     text = "\n".join(_example_lines(_Outer, "", {}))
     assert tomllib.loads(text) == {"label": 'say "hi" \\ tschüss', "ratio": 0.5,
                                    "inner": {"weights": {"a": 1, "b-c": 2, "d e": 3}}}
+
+
+def test_readme_command_blocks_are_the_ones_the_booted_host_test_runs() -> None:
+    """tests/deploy/test_install.py runs every marked block verbatim; an unmarked new block would go untested."""
+    from tests.deploy.readme_commands import BLOCKS, readme_blocks
+
+    assert sorted(readme_blocks()) == sorted(BLOCKS)
+
+
+def test_install_sh_closing_message_prints_the_readme_first_steps() -> None:
+    from tests.deploy.readme_commands import readme_blocks
+
+    install = (README.parent / "install.sh").read_text()
+    message = install.split("<<'MSG'", 1)[1].split("\nMSG", 1)[0]
+    for command in readme_blocks()["first-steps"]:
+        assert f"\n    {command}\n" in message, f"install.sh's closing message lacks {command!r}"
+
+
+def test_readme_and_install_sh_never_show_curl_with_a_bare_port() -> None:
+    """Debian 12's curl 7.88 refuses `curl :80/health` ("URL using bad/illegal format")."""
+    for path in (README, README.parent / "install.sh"):
+        assert "curl :" not in path.read_text(), path.name
