@@ -99,12 +99,14 @@ class Policy:
         if kind != "resource" or name is None:
             return self._decide_one(principal, kind, name)
         spellings = [name, canonical_uri(name)]
-        resolved = self.resources.resolve(name) if resolve else None
-        if isinstance(resolved, Unresolvable):
-            if self.restricts(principal, "resource"):
-                return Decision(False, "uncanonical", detail=resolved.why)
-        elif resolved is not None:
-            spellings.append(resolved)
+        # The app resolves the URI as sent; its canonical form too, in case the app is more lenient than the SDK.
+        for sent in dict.fromkeys(spellings) if resolve else ():
+            resolved = self.resources.resolve(sent)
+            if isinstance(resolved, Unresolvable):
+                if sent == name and self.restricts(principal, "resource"):
+                    return Decision(False, "uncanonical", detail=resolved.why)
+            elif resolved is not None:
+                spellings.append(resolved)
         decision = Decision(True, "no_rule")
         for spelling in dict.fromkeys(spellings):
             decision = self._decide_one(principal, kind, spelling)
