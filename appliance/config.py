@@ -104,7 +104,9 @@ class McpSettings:
     #: Host header values allowed (DNS-rebinding protection); "*" allows any,
     #: "name:*" any port of a name. A bad Host gets 421.
     allowed_hosts: tuple[str, ...] = ("*",)
-    #: Origin header values allowed; requests without Origin always pass. A bad Origin gets 403.
+    #: Origin header values allowed besides same-origin ones (the origin of the Host a request was sent
+    #: to, when that Host is an IP address, localhost or listed in allowed_hosts); requests without
+    #: Origin always pass. A bad Origin gets 403.
     allowed_origins: tuple[str, ...] = ()
 
 
@@ -183,7 +185,8 @@ class PolicySettings:
     """Which scopes a tool, resource or prompt requires."""
 
     #: Rules "<kind>:<pattern> = <scope> [<scope> …]", kind tool, resource or prompt, pattern with
-    #: * and ? wildcards (resources match on the URI); the first matching rule decides.
+    #: * and ? wildcards (resources match on the URI in RFC 3986 canonical form, and on what the
+    #: hosted MCPServer resolves it to); the first matching rule decides.
     rules: tuple[str, ...] = ("tool:add_note = notes:write", "tool:delete_note = notes:write")
     #: What a call that no rule matches gets: "allow" or "deny".
     default: Literal["allow", "deny"] = "allow"

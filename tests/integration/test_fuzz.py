@@ -213,10 +213,9 @@ MALFORMED_REQUEST_LINES = [b"POST /mcp%00 HTTP/1.1", b"POST /mcp%zz HTTP/1.1", b
                            b"POST /mcp HTTP/2.0", b"POST /mcp%00%zz?x=1 HTTP/1.1"]
 
 
-def raw_line(port: int, line: bytes, extra: bytes = b"") -> Answer:
-    """A request whose request line (or framing) is exactly `line`, written byte for byte."""
-    data = line + b"\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\nContent-Type: application/json\r\n" % port + extra
-    data += b"Content-Length: 2\r\n\r\n{}" if b"Transfer-Encoding" not in extra else b"\r\n"
+def raw_line(port: int, line: bytes, framing: bytes = b"Content-Length: 2\r\n\r\n{}") -> Answer:
+    """A request whose request line and framing (last headers and body) are exactly as given, byte for byte."""
+    data = line + b"\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\nContent-Type: application/json\r\n" % port + framing
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         sock.sendall(data)
         response = b""
@@ -232,11 +231,15 @@ def test_requests_nginx_cannot_parse_get_a_json_400_and_feed_no_5xx_alert(target
     app, key = target
     before = total(scrape(app), "mcp_appliance_http_errors_total")
     ids = []
-    cases = [(line, b"") for line in MALFORMED_REQUEST_LINES] + [(b"POST /mcp HTTP/1.1", b"Transfer-Encoding: foo\r\n")]
-    for line, extra in cases:
-        answer = raw_line(app.port, line, extra)
-        assert answer.status == 400 and answer.headers["content-type"] == "application/json", (line, answer)
-        assert json.loads(answer.body)["error"]["code"] == -32600, line
+    cases = [(line, b"Content-Length: 2\r\n\r\n{}") for line in MALFORMED_REQUEST_LINES] + [
+        (b"POST /mcp HTTP/1.1", b"Transfer-Encoding: foo\r\n\r\n"),
+        (b"POST /mcp HTTP/1.1", b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
+        (b"POST /mcp HTTP/1.1", b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"),
+    ]
+    for line, framing in cases:
+        answer = raw_line(app.port, line, framing)
+        assert answer.status == 400 and answer.headers["content-type"] == "application/json", (line, framing, answer)
+        assert json.loads(answer.body)["error"]["code"] == -32600, (line, framing)
         ids.append(answer.headers["x-request-id"])
     # nginx logs each with the status the 5xx alert keys on: 400, so no edge event is ever sent.
     logged = wait_until(lambda: (lambda found: found if len(found) == len(ids) else None)(
