@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance import __version__
+from appliance.uris import canonical_uri
 
 DEFAULT_CONFIG_PATH = Path("/etc/mcp-appliance/appliance.toml")
 ENV_PREFIX = "MCP_APPLIANCE_"
@@ -611,8 +612,6 @@ def _validate_gate(settings: Settings, need: typing.Callable[[bool, str, Any, st
     need(bool(a.jwt_scope_claim), "auth.jwt_scope_claim", a.jwt_scope_claim, "a claim name")
     need(not a.resource_url or bool(re.match(r"^https?://[^/\s]+(/\S*)?$", a.resource_url)), "auth.resource_url",
          a.resource_url, "empty or an http(s) URL such as https://mcp.example.com/mcp")
-    from appliance.gate.resources import canonical_uri  # here: the gate imports this module
-
     for k, rule in enumerate(settings.policy.rules):
         try:
             kind, pattern, _ = split_rule(rule)

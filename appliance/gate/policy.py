@@ -24,8 +24,9 @@ from appliance.config import PolicySettings, split_rule
 from appliance.gate.auth import Principal
 from appliance.gate.exchange import exchange, flag
 from appliance.gate.jsonrpc import INVALID_PARAMS, BodyRewriter, RpcCall
-from appliance.gate.resources import CanonicalOnly, ResourceResolver, Unresolvable, canonical_uri
+from appliance.gate.resources import CanonicalOnly, ResourceResolver, Unresolvable
 from appliance.gate.responses import INVALID_REQUEST, send_rpc_error
+from appliance.uris import canonical_uri
 
 FORBIDDEN = -32003
 

@@ -16,8 +16,9 @@ from appliance.gate.auth import Principal
 from appliance.gate.exchange import STATE_KEY, Exchange
 from appliance.gate.jsonrpc import BodyRewriter, JsonRpcBody, MessageScanner, RpcError, parse_body, response_to
 from appliance.gate.policy import Policy, PolicyCheck
-from appliance.gate.resources import CanonicalOnly, SdkResources, Unresolvable, canonical_uri
+from appliance.gate.resources import CanonicalOnly, SdkResources, Unresolvable
 from appliance.servers.notes import create_server
+from appliance.uris import canonical_uri
 from tests.harness import to_toml
 
 
@@ -236,10 +237,13 @@ def test_percent_encoding_unreserved_characters_or_changing_scheme_case_does_not
     assert canonical_uri(respelled) == canonical_uri(uri)
 
 
+#: The notes server's resources (nothing is read: resolving a URI never opens the database).
+NOTES_RESOURCES = SdkResources(create_server(lambda: Path("/nonexistent/notes.db")))
+
+
 @pytest.fixture(scope="module")
-def notes_resources(tmp_path_factory: pytest.TempPathFactory) -> SdkResources:
-    db = tmp_path_factory.mktemp("notes") / "notes.db"
-    return SdkResources(create_server(lambda: db))
+def notes_resources() -> SdkResources:
+    return NOTES_RESOURCES
 
 
 SPELLINGS_OF_NOTE_1 = ["notes://1", "notes://%31", "notes://01", "notes://+1", "notes://1%20", "NOTES://1",
@@ -254,6 +258,19 @@ def test_a_resource_rule_holds_for_every_spelling_the_notes_server_reads_as_that
     assert not refused.allowed and refused.missing == "secret", (spelled, refused)
     assert p.decide(who("secret"), "resource", spelled).allowed
     assert p.decide(who(), "resource", "notes://2").allowed
+
+
+note_1_spellings = st.builds(
+    lambda scheme, sign, zeros, digit, pad: f"{scheme}://{sign}{zeros}{digit}{pad}",
+    st.sampled_from(["notes", "NOTES", "Notes", "%6Eotes"]), st.sampled_from(["", "+", "%2B", "%2b"]),
+    st.sampled_from(["", "0", "00", "%30", "0%30"]), st.sampled_from(["1", "%31"]),
+    st.sampled_from(["", "%20", " ", ".0", "%2E0"]))
+
+
+@given(note_1_spellings)
+def test_no_generated_spelling_of_note_1_escapes_its_rule(spelled: str) -> None:
+    p = Policy(PolicySettings(rules=("resource:notes://1 = secret",)), NOTES_RESOURCES)
+    assert not p.decide(who(), "resource", spelled).allowed, spelled
 
 
 def test_the_notes_template_resolves_what_the_server_would_read(notes_resources: SdkResources) -> None:
