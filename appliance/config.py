@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance import __version__
+from appliance.uris import canonical_uri
 
 DEFAULT_CONFIG_PATH = Path("/etc/mcp-appliance/appliance.toml")
 ENV_PREFIX = "MCP_APPLIANCE_"
@@ -104,7 +105,9 @@ class McpSettings:
     #: Host header values allowed (DNS-rebinding protection); "*" allows any,
     #: "name:*" any port of a name. A bad Host gets 421.
     allowed_hosts: tuple[str, ...] = ("*",)
-    #: Origin header values allowed; requests without Origin always pass. A bad Origin gets 403.
+    #: Origin header values allowed besides same-origin ones (the origin of the Host a request was sent
+    #: to, when that Host is an IP address, localhost or listed in allowed_hosts); requests without
+    #: Origin always pass. A bad Origin gets 403.
     allowed_origins: tuple[str, ...] = ()
 
 
@@ -156,10 +159,17 @@ class AuthSettings:
     keys_file: Path = Path("/etc/mcp-appliance/api_keys.json")
     #: Mode "jwt": an HS256 secret, an RS256/ES256 public key (PEM) or a JWKS document (JSON).
     jwt_key_file: Path = Path("/etc/mcp-appliance/jwt_key.pem")
-    #: Required `iss` claim ("" = not checked); named as authorization server in the resource metadata.
+    #: Required `iss` claim, named as authorization server in the resource metadata ("" = not
+    #: checked: refused when environment = "production" unless auth.jwt_allow_any_issuer = true).
     jwt_issuer: str = ""
-    #: Required `aud` claim ("" = not checked).
+    #: Required `aud` claim: this server, as tokens name it ("" = auth.resource_url, the audience the
+    #: MCP authorization spec prescribes). Both empty: not checked, refused when environment =
+    #: "production" unless auth.jwt_allow_any_audience = true.
     jwt_audience: str = ""
+    #: Accept JWTs minted for any audience (a token your identity provider issued for another service works here).
+    jwt_allow_any_audience: bool = False
+    #: Accept JWTs from any issuer the key file's keys verify.
+    jwt_allow_any_issuer: bool = False
     #: Clock skew tolerated when checking exp, nbf and iat, in seconds.
     jwt_leeway: int = 30
     #: Claim naming the principal.
@@ -176,7 +186,8 @@ class PolicySettings:
     """Which scopes a tool, resource or prompt requires."""
 
     #: Rules "<kind>:<pattern> = <scope> [<scope> …]", kind tool, resource or prompt, pattern with
-    #: * and ? wildcards (resources match on the URI); the first matching rule decides.
+    #: * and ? wildcards (resources match on the URI in RFC 3986 canonical form, and on what the
+    #: hosted MCPServer resolves it to); the first matching rule decides.
     rules: tuple[str, ...] = ("tool:add_note = notes:write", "tool:delete_note = notes:write")
     #: What a call that no rule matches gets: "allow" or "deny".
     default: Literal["allow", "deny"] = "allow"
@@ -583,6 +594,19 @@ def _validate_gate(settings: Settings, need: typing.Callable[[bool, str, Any, st
          "auth.api_key_header", a.api_key_header, "an HTTP header name such as X-API-Key")
     for k, scope in enumerate(a.anonymous_scopes):
         need(bool(scope) and " " not in scope, f"auth.anonymous_scopes[{k}]", scope, "a scope without spaces")
+    if a.mode == "jwt" and settings.environment == "production":
+        # The MCP authorization spec: a server accepts only tokens minted for it (RFC 8707 audience).
+        if not (a.jwt_audience or a.resource_url) and not a.jwt_allow_any_audience:
+            raise ConfigError(
+                f"{settings.source}: 'auth.jwt_audience' is empty with auth.mode = 'jwt' in production: a token "
+                "minted for any other service would be accepted; set it (or 'auth.resource_url') to this server's "
+                "URL as your identity provider puts it in 'aud', or set 'auth.jwt_allow_any_audience' = true"
+            )
+        if not a.jwt_issuer and not a.jwt_allow_any_issuer:
+            raise ConfigError(
+                f"{settings.source}: 'auth.jwt_issuer' is empty with auth.mode = 'jwt' in production: set it to "
+                "your identity provider's issuer URL ('iss'), or set 'auth.jwt_allow_any_issuer' = true"
+            )
     need(a.jwt_leeway >= 0, "auth.jwt_leeway", a.jwt_leeway, "seconds >= 0")
     need(bool(a.jwt_principal_claim), "auth.jwt_principal_claim", a.jwt_principal_claim, "a claim name")
     need(bool(a.jwt_scope_claim), "auth.jwt_scope_claim", a.jwt_scope_claim, "a claim name")
@@ -590,10 +614,14 @@ def _validate_gate(settings: Settings, need: typing.Callable[[bool, str, Any, st
          a.resource_url, "empty or an http(s) URL such as https://mcp.example.com/mcp")
     for k, rule in enumerate(settings.policy.rules):
         try:
-            split_rule(rule)
+            kind, pattern, _ = split_rule(rule)
         except ValueError:
             need(False, f"policy.rules[{k}]", rule, "'<tool|resource|prompt>:<pattern> = <scope> [<scope> ...]', "
                  "e.g. 'tool:delete_* = notes:write'")
+            continue
+        # Resource URIs are matched in their canonical form: a pattern in another spelling would never match.
+        need(kind != "resource" or canonical_uri(pattern) == pattern, f"policy.rules[{k}]", rule,
+             f"the URI pattern in canonical form (RFC 3986): '{canonical_uri(pattern)}'")
     au = settings.audit
     need(au.fsync_interval > 0, "audit.fsync_interval", au.fsync_interval, "seconds > 0")
     need(au.max_bytes >= 4096, "audit.max_bytes", au.max_bytes, "bytes >= 4096")

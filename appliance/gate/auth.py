@@ -21,13 +21,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import keys
 from appliance.config import ConfigError, Settings
-from appliance.gate.exchange import exchange, flag
-from appliance.gate.jsonrpc import send_rpc_error
+from appliance.gate.exchange import Exchange, exchange, flag
+from appliance.gate.jsonrpc import RpcError, call_from_headers, parse_body, read_body
 from appliance.gate.requests import principal_name
+from appliance.gate.responses import header, send_rpc_error
 
 logger = logging.getLogger("appliance.auth")
 
 UNAUTHORIZED = -32001
+#: A refused request's body is read for its audit record (method, name, id) up to this size.
+RECORDED_BODY_LIMIT = 64 * 1024
 ANONYMOUS = "anonymous"
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
 
@@ -129,7 +132,14 @@ class JwtTokens:
     def __init__(self, settings: Settings) -> None:
         a = settings.auth
         self.issuer = a.jwt_issuer or None
-        self.audience = a.jwt_audience or None
+        # The MCP authorization spec: the audience is this server's canonical URL (RFC 8707).
+        self.audience = a.jwt_audience or a.resource_url or None
+        if self.audience is None and not a.jwt_allow_any_audience:
+            logger.warning("auth.jwt_audience is empty: JWTs minted for any audience (any other service) are "
+                           "accepted; set auth.jwt_audience or auth.resource_url (production refuses to start so)")
+        if self.issuer is None and not a.jwt_allow_any_issuer:
+            logger.warning("auth.jwt_issuer is empty: JWTs from any issuer the key verifies are accepted; set "
+                           "auth.jwt_issuer (production refuses to start so)")
         self.leeway = a.jwt_leeway
         self.principal_claim = a.jwt_principal_claim
         self.scope_claim = a.jwt_scope_claim
@@ -269,6 +279,7 @@ class Authenticate:
                 ex.denied = failure.reason
             if ex is not None:
                 ex.authz = ("denied", failure.reason)
+                await self._note_call(scope, receive, ex)
             await self._refuse(scope, send, failure)
             return
         if ex is not None:
@@ -282,6 +293,21 @@ class Authenticate:
             await self.app(scope, receive, send)
         finally:
             principal_name.reset(token)
+
+    async def _note_call(self, scope: Scope, receive: Receive, ex: Exchange) -> None:
+        """For the record of a refused call: its method, name and id, from a small JSON body or the headers."""
+        path = self.settings.mcp.path.rstrip("/")
+        length = header(scope["headers"], b"content-length")
+        if (scope["method"] == "POST" and (scope["path"] == path or scope["path"].startswith(path + "/"))
+                and length is not None and length.isdigit() and int(length) <= RECORDED_BODY_LIMIT):
+            body = await read_body(receive)
+            if body is not None:
+                try:
+                    ex.rpc = parse_body(body)
+                    return
+                except RpcError:
+                    pass
+        ex.rpc = call_from_headers(scope["headers"])
 
     def _credential(self, scope: Scope) -> str | None:
         for key, value in scope["headers"]:

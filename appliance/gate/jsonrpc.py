@@ -17,11 +17,14 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.gate.exchange import exchange, flag
-from appliance.gate.responses import INVALID_REQUEST, header, send_json
+from appliance.gate.responses import INVALID_REQUEST, header, send_rpc_error
 
 PARSE_ERROR = -32700
+INVALID_PARAMS = -32602
 #: Responses larger than this are passed through without being read (outcome by status only).
 SCAN_LIMIT = 8 * 1024 * 1024
+#: Deepest nesting of arrays and objects a body may have (the SDK's own JSON parser stops at 200).
+MAX_DEPTH = 128
 
 #: Methods whose params name a tool, prompt or resource: method -> (kind, params key).
 NAMED_METHODS: dict[str, tuple[str, str]] = {
@@ -31,6 +34,20 @@ NAMED_METHODS: dict[str, tuple[str, str]] = {
     "resources/subscribe": ("resource", "uri"),
     "resources/unsubscribe": ("resource", "uri"),
 }
+#: Every method of the MCP vocabulary (mcp_types, 2024-11-05 to 2026-07-28) that names nothing
+#: policy rules cover (those are NAMED_METHODS, completion/complete and subscriptions/listen).
+UNNAMED_METHODS = frozenset({
+    "initialize", "ping", "tools/list", "prompts/list", "resources/list", "resources/templates/list",
+    "logging/setLevel", "server/discover", "tasks/get", "tasks/list", "tasks/result", "tasks/cancel",
+    "roots/list", "sampling/createMessage", "elicitation/create",
+    "notifications/initialized", "notifications/cancelled", "notifications/progress", "notifications/message",
+    "notifications/roots/list_changed", "notifications/tasks/status", "notifications/elicitation/complete",
+    "notifications/tools/list_changed", "notifications/prompts/list_changed", "notifications/resources/list_changed",
+    "notifications/resources/updated", "notifications/subscriptions/acknowledged",
+})
+#: Keys in the params of an unknown method that suggest it names a tool, prompt or resource.
+_NAMING_KEY = re.compile(r"(?i)(name|names|uri|uris|ref|refs|subscriptions)$")
+_REF_KINDS = {"ref/prompt": ("prompt", "name"), "ref/resource": ("resource", "uri")}
 
 _MISSING: Any = object()
 
@@ -43,12 +60,17 @@ class RpcCall:
     id: Any = None
     #: "tool", "prompt" or "resource" for methods that name one.
     kind: str | None = None
+    #: The one tool, prompt or resource URI named (None when none, or several: see subjects).
     name: str | None = None
     arguments: Any = _MISSING
     #: protocolVersion of an initialize request.
     protocol_version: str | None = None
     #: The members of a batch (then method is "batch").
     batch: tuple[RpcCall, ...] = ()
+    #: Every name or URI of `kind` the call uses (a subscriptions/listen may name many).
+    subjects: tuple[str, ...] = ()
+    #: Why the gate cannot tell what this call uses (policy refuses it while rules apply).
+    unclassified: str | None = None
 
     @property
     def is_request(self) -> bool:
@@ -70,12 +92,42 @@ class RpcError(Exception):
         self.request_id = request_id
 
 
+class _NotJson(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, but they are not JSON (RFC 8259)."""
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJson(name)
+
+
+def _too_deep(body: bytes, data: Any) -> bool:
+    """Whether `data` nests arrays and objects deeper than MAX_DEPTH (cheap when the body cannot)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return False
+    level: list[tuple[Any, int]] = [(data, 1)]
+    while level:
+        value, depth = level.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(value, dict):
+            level.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            level.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
+
+
 def parse_body(body: bytes) -> RpcCall:
     """The JSON-RPC message (or batch) in a request body; RpcError when it is not one."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constants)
+    except _NotJson as exc:
+        raise RpcError(INVALID_REQUEST, f"Invalid request: {exc} is not a JSON value") from None
+    except RecursionError:
+        raise RpcError(PARSE_ERROR, f"Parse error: JSON nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise RpcError(PARSE_ERROR, "Parse error: the body is not valid JSON") from None
+    if _too_deep(body, data):
+        raise RpcError(PARSE_ERROR, f"Parse error: JSON nested deeper than {MAX_DEPTH} levels")
     if isinstance(data, list):
         if not data:
             raise RpcError(INVALID_REQUEST, "Invalid request: empty batch")
@@ -102,16 +154,83 @@ def _message(data: Any) -> RpcCall:
     if params is not None and not isinstance(params, (dict, list)):
         raise RpcError(INVALID_REQUEST, "Invalid request: params must be an object or an array", rid)
     call = RpcCall(method=method, id=rid)
-    if isinstance(params, dict):
-        named = NAMED_METHODS.get(method)
-        if named is not None:
-            call.kind = named[0]
-            value = params.get(named[1])
-            call.name = value if isinstance(value, str) else None
-            call.arguments = params.get("arguments", _MISSING)
-        elif method == "initialize":
-            version = params.get("protocolVersion")
-            call.protocol_version = version if isinstance(version, str) else None
+    _classify(call, params if isinstance(params, dict) else {}, params)
+    return call
+
+
+def _classify(call: RpcCall, params: dict[str, Any], raw: Any) -> None:
+    """Note what the call names (kind, subjects), or why that cannot be told (unclassified)."""
+    method = call.method
+    named = NAMED_METHODS.get(method or "")
+    if named is not None:
+        call.kind = named[0]
+        value = params.get(named[1])
+        if isinstance(value, str):
+            call.name = value
+            call.subjects = (value,)
+        else:
+            call.unclassified = f"{method} without a string params.{named[1]}"
+        call.arguments = params.get("arguments", _MISSING)
+    elif method == "subscriptions/listen":
+        notifications = params.get("notifications")
+        if not isinstance(notifications, dict):
+            call.unclassified = "subscriptions/listen without params.notifications"
+            return
+        uris: list[str] = []
+        # The SDK's model takes the field's name as well as its camelCase alias.
+        for key in ("resourceSubscriptions", "resource_subscriptions"):
+            value = notifications.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(isinstance(u, str) for u in value):
+                call.unclassified = f"subscriptions/listen with a {key} that is not a list of URIs"
+                return
+            uris += value
+        if uris:
+            call.kind = "resource"
+            call.subjects = tuple(dict.fromkeys(uris))
+            call.name = uris[0] if len(call.subjects) == 1 else None
+    elif method == "completion/complete":
+        ref = params.get("ref")
+        kind_key = _REF_KINDS.get(ref.get("type")) if isinstance(ref, dict) else None
+        value = ref.get(kind_key[1]) if kind_key is not None and isinstance(ref, dict) else None
+        if kind_key is None or not isinstance(value, str):
+            call.unclassified = "completion/complete without a ref/prompt name or ref/resource uri"
+            return
+        call.kind, call.name, call.subjects = kind_key[0], value, (value,)
+    elif method == "initialize":
+        version = params.get("protocolVersion")
+        call.protocol_version = version if isinstance(version, str) else None
+    elif method not in UNNAMED_METHODS and _names_something(
+            {k: v for k, v in params.items() if k != "_meta"} if isinstance(raw, dict) else raw):
+        call.unclassified = f"unknown method {method[:64]!r} naming a tool, prompt or resource"
+
+
+def _names_something(value: Any, depth: int = 0) -> bool:
+    """Whether params (of an unknown method) carry a key that names a tool, prompt or resource, or a URI."""
+    if depth > 16:
+        return True
+    if isinstance(value, dict):
+        return any((isinstance(k, str) and _NAMING_KEY.search(k)) or _names_something(v, depth + 1)
+                   for k, v in value.items())
+    if isinstance(value, list):
+        return any(_names_something(v, depth + 1) for v in value)
+    return isinstance(value, str) and "://" in value
+
+
+def call_from_headers(headers: list[tuple[bytes, bytes]]) -> RpcCall | None:
+    """What the Mcp-Method and Mcp-Name headers of a 2026-07-28 request say (None without them).
+
+    Only for the record of a request refused before its body is read: unverified, bounded.
+    """
+    method = header(headers, b"mcp-method")
+    if method is None:
+        return None
+    call = RpcCall(method=method.decode("latin-1")[:64])
+    name = header(headers, b"mcp-name")
+    if name is not None:
+        call.name = name.decode("latin-1")[:256]
+        call.kind = NAMED_METHODS.get(call.method or "", (None, ""))[0]
     return call
 
 
@@ -141,30 +260,23 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def send_rpc_error(send: Send, status: int, code: int, message: str, request_id: Any = None,
-                         data: Any = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """A JSON-RPC error answer with the request's id (null when unknown)."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if data is not None:
-        error["data"] = data
-    body = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode()
-    await send_json(send, status, body, headers)
-
-
 class JsonRpcBody:
-    """Reads and parses the body of JSON POSTs to the MCP endpoint once; malformed ones get 400."""
+    """Reads and parses the body of every POST under the MCP path once; malformed ones get 400.
+
+    The content type does not matter: the SDK serves a 2026-07-28 POST whatever it declares,
+    so a body the gate did not read would pass the policy unseen.
+    """
 
     def __init__(self, app: ASGIApp, path: str) -> None:
         self.app = app
-        self.paths = {path, path.rstrip("/") + "/"}
+        self.path = path.rstrip("/")
+
+    def covers(self, path: str) -> bool:
+        return path == self.path or path.startswith(self.path + "/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["method"] != "POST" or not self.covers(scope["path"]):
             await self.app(scope, receive, send)
-            return
-        content_type = header(scope["headers"], b"content-type")
-        if content_type is None or not content_type.lower().startswith(b"application/json"):
-            await self.app(scope, receive, send)  # the app answers 415 in its own words
             return
         body = await read_body(receive)
         if body is None:

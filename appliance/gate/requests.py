@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from contextvars import ContextVar
 
@@ -16,9 +17,19 @@ request_id: ContextVar[str] = ContextVar("request_id", default="-")
 principal_name: ContextVar[str | None] = ContextVar("principal_name", default=None)
 session_id: ContextVar[str | None] = ContextVar("session_id", default=None)
 
+#: A request id the client may choose: what nginx's map accepts too (conf/nginx.conf.j2).
+SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_of(value: bytes | None) -> str:
+    """The client's X-Request-ID when it is in the safe format, else a fresh id."""
+    if value is not None and SAFE_REQUEST_ID.fullmatch(value):
+        return value.decode("ascii")
+    return uuid.uuid4().hex
+
 
 class RequestContext:
-    """Takes nginx's X-Request-ID (or makes one) and counts requests in flight."""
+    """Takes nginx's X-Request-ID (or makes one when it is missing or unsafe) and counts requests in flight."""
 
     def __init__(self, app: ASGIApp, stats: WorkerStats) -> None:
         self.app = app
@@ -28,8 +39,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = header(scope["headers"], b"x-request-id")
-        value = rid.decode("latin-1")[:128] if rid else uuid.uuid4().hex
+        value = request_id_of(header(scope["headers"], b"x-request-id"))
         token = request_id.set(value)
         scope.setdefault("state", {})["request_id"] = value
         self.stats.requests += 1

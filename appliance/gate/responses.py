@@ -1,14 +1,25 @@
-"""JSON-RPC error answers the gate sends without bothering the hosted app."""
+"""JSON-RPC error answers the gate sends without bothering the hosted app (the one sender of them)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from starlette.types import Send
 
 # JSON-RPC codes the MCP spec uses for transport-level refusals.
 INVALID_REQUEST = -32600
 INTERNAL_ERROR = -32603
+
+
+async def send_rpc_error(send: Send, status: int, code: int, message: str, request_id: Any = None,
+                         data: Any = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A JSON-RPC error answer with the request's id (null when unknown)."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    body = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode()
+    await send_json(send, status, body, headers)
 
 
 async def send_jsonrpc_error(
@@ -20,8 +31,7 @@ async def send_jsonrpc_error(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """Answer with `status` and a JSON-RPC error body that has no request id."""
-    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}).encode()
-    await send_json(send, status, body, headers)
+    await send_rpc_error(send, status, code, message, headers=headers)
 
 
 async def send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:

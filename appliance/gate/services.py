@@ -18,6 +18,7 @@ from appliance.gate.auth import Authenticator, load_authenticator
 from appliance.gate.metrics import RequestMetrics
 from appliance.gate.outcome import Sink
 from appliance.gate.policy import Policy
+from appliance.gate.resources import hosted_resources
 from appliance.metrics import GateMetrics, multiproc_dir, reset_multiproc_dir
 
 
@@ -46,7 +47,8 @@ def gate_services(settings: Settings, index: int) -> GateServices:
         audit = AuditWriter(audit_dir(settings.log_dir) / f"worker-{index:02d}.jsonl", settings.audit)
     return GateServices(
         authenticator=load_authenticator(settings),
-        policy=Policy(settings.policy),
+        # Resource rules match what the hosted app resolves a URI to (its templates).
+        policy=Policy(settings.policy, hosted_resources(settings.mcp.app)),
         metrics=GateMetrics(index),
         audit=audit,
     )

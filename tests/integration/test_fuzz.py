@@ -18,9 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.harness import Appliance, cleanup, new_appliance
-from tests.integration.clients import LEGACY_VERSION, MODERN_VERSION, mcp_client
+from tests.harness import Appliance, cleanup, new_appliance, wait_until
+from tests.integration.clients import LEGACY_VERSION, MODERN_VERSION, access_log, mcp_client
 from tests.integration.gatekit import add_key, bearer, call, write_config
+from tests.integration.test_metrics import scrape, total
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +119,10 @@ bodies = st.one_of(
     st.lists(rpc_shaped, max_size=3).map(lambda v: json.dumps(v).encode()),
     rpc_shaped.map(lambda v: json.dumps(v).encode()[: max(1, len(json.dumps(v)) // 2)]),  # cut short
     st.integers(BODY_LIMIT + 1, BODY_LIMIT * 2).map(lambda n: b'{"jsonrpc":"2.0","pad":"' + b"x" * n + b'"}'),
+    # Python's json reads these; they are not JSON and must never reach the audit trail.
+    st.sampled_from([b"NaN", b"Infinity", b"-Infinity"]).map(
+        lambda c: b'{"jsonrpc":"2.0","id":' + c + b',"method":"tools/call","params":{"name":"x","arguments":{"a":' + c + b"}}}"),
+    st.integers(1000, 20_000).map(lambda n: b"[" * n),
 )
 token_chars = string.ascii_letters + string.digits + "-_."
 header_value = st.one_of(
@@ -191,6 +196,76 @@ def test_bad_input_never_gets_a_5xx_and_valid_clients_keep_working(target: tuple
     assert any(400 <= s < 500 for s in seen), seen
     valid_call_works(app, key)
     assert app.health()[1]["status"] == "ok"
+    assert_audit_trail_is_strict_json(app)
+
+
+def assert_audit_trail_is_strict_json(app: Appliance) -> None:
+    """Every audit line parses as JSON without Python's NaN/Infinity extension."""
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{name} written to the audit trail")
+
+    for path in sorted((app.base / "log" / "audit").glob("*.jsonl*")):
+        for line in path.read_text().splitlines():
+            json.loads(line, parse_constant=refuse)
+
+
+MALFORMED_REQUEST_LINES = [b"POST /mcp%00 HTTP/1.1", b"POST /mcp%zz HTTP/1.1", b"G@T /mcp HTTP/1.1", b"GET /zz%zz HTTP/1.1",
+                           b"POST /mcp HTTP/2.0", b"POST /mcp%00%zz?x=1 HTTP/1.1"]
+
+
+def raw_line(port: int, line: bytes, framing: bytes = b"Content-Length: 2\r\n\r\n{}") -> Answer:
+    """A request whose request line and framing (last headers and body) are exactly as given, byte for byte."""
+    data = line + b"\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\nContent-Type: application/json\r\n" % port + framing
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(data)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    header_block, _, payload = response.partition(b"\r\n\r\n")
+    lines = header_block.split(b"\r\n")
+    headers = {k.decode().strip().lower(): v.decode().strip() for k, _, v in (l.partition(b":") for l in lines[1:])}
+    return Answer(int(lines[0].split()[1]), headers, payload)
+
+
+def test_requests_nginx_cannot_parse_get_a_json_400_and_feed_no_5xx_alert(target: tuple[Appliance, str]) -> None:
+    app, key = target
+    before = total(scrape(app), "mcp_appliance_http_errors_total")
+    ids = []
+    cases = [(line, b"Content-Length: 2\r\n\r\n{}") for line in MALFORMED_REQUEST_LINES] + [
+        (b"POST /mcp HTTP/1.1", b"Transfer-Encoding: foo\r\n\r\n"),
+        (b"POST /mcp HTTP/1.1", b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
+        (b"POST /mcp HTTP/1.1", b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"),
+    ]
+    for line, framing in cases:
+        answer = raw_line(app.port, line, framing)
+        assert answer.status == 400 and answer.headers["content-type"] == "application/json", (line, framing, answer)
+        assert json.loads(answer.body)["error"]["code"] == -32600, (line, framing)
+        ids.append(answer.headers["x-request-id"])
+    # nginx logs each with the status the 5xx alert keys on: 400, so no edge event is ever sent.
+    logged = wait_until(lambda: (lambda found: found if len(found) == len(ids) else None)(
+        {e["request_id"]: e["status"] for e in access_log(app) if e["request_id"] in ids}), 10, "access log lines")
+    assert set(logged.values()) == {400}, logged
+    assert total(scrape(app), "mcp_appliance_http_errors_total") == before
+    valid_call_works(app, key)
+
+
+def test_every_spelling_nginx_normalises_to_the_mcp_path_reaches_the_worker_as_the_path_itself(
+        target: tuple[Appliance, str]) -> None:
+    app, key = target
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search_notes",
+                       "arguments": {"query": "x"}, "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+                       "io.modelcontextprotocol/clientCapabilities": {},
+                       "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"}}}}).encode()
+    headers = [(b"Content-Type", b"application/json"), (b"Accept", b"application/json, text/event-stream"),
+               (b"MCP-Protocol-Version", MODERN_VERSION.encode()), (b"Mcp-Method", b"tools/call"),
+               (b"Mcp-Name", b"search_notes"), (b"Authorization", f"Bearer {key}".encode())]
+    for path in ("//mcp", "/x/../mcp", "/%6dcp", "/mcp?x=1"):
+        answer = raw_request(app.port, "POST", path, headers, body)
+        assert answer.status == 200 and b'"result"' in answer.body, (path, answer.status, answer.body[:200])
+    for path in ("/mcp/", "/mcpx", "/mcp/../health/../mcp/x"):
+        answer = raw_request(app.port, "POST", path, headers, body)
+        check(answer)
+        assert answer.status == 404 and answer.headers["content-type"] == "application/json", path
 
 
 @pytest.mark.anyio

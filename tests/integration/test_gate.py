@@ -181,6 +181,82 @@ def test_bad_host_is_421_and_bad_origin_is_403(keyed: Any) -> None:
     assert call(app, "tools/list", headers={**bearer(keys["reader"]), "Origin": "http://agents.example"})[0] == 200
 
 
+def test_same_origin_requests_pass_and_foreign_origins_stay_refused(keyed: Any) -> None:
+    app, keys = keyed
+    for host in (f"localhost:{app.port}", f"127.0.0.1:{app.port}"):
+        status, _, _ = call(app, "tools/list", headers={**bearer(keys["reader"]), "Host": host, "Origin": f"http://{host}"})
+        assert status == 200, host
+    for origin in (f"http://localhost:{app.port + 1}", f"https://localhost:{app.port}", "http://evil.example", "null"):
+        status, _, body = call(app, "tools/list", headers={**bearer(keys["reader"]), "Host": f"localhost:{app.port}",
+                                                           "Origin": origin})
+        assert status == 403 and "Origin" in body["error"]["message"], origin
+
+
+def test_refused_credentials_leave_records_with_the_method_and_name(keyed: Any) -> None:
+    app, _ = keyed
+    from_body, from_headers = uuid.uuid4().hex, uuid.uuid4().hex
+    status, _, body = call(app, "tools/call", "delete_note", {"arguments": {"id": 1}}, {"X-Request-ID": from_body}, 31)
+    assert status == 401 and body["id"] == 31  # the answer carries the request's id, now that the body is read
+    headers, _ = modern_request("tools/call", "add_note", {})
+    status, _, _ = http("POST", app.mcp_url, b"not json", {**headers, "X-Request-ID": from_headers})
+    assert status == 401
+    by_body = wait_until(lambda: record_for(app, from_body), 5, "audit record of the 401")
+    assert (by_body["status"], by_body["method"], by_body["name"], by_body["jsonrpc_id"]) == (401, "tools/call", "delete_note", 31)
+    by_headers = wait_until(lambda: record_for(app, from_headers), 5, "audit record of the 401")
+    assert (by_headers["status"], by_headers["method"], by_headers["name"]) == (401, "tools/call", "add_note")
+
+
+def test_a_client_request_id_is_kept_only_in_a_safe_form_by_nginx_and_by_the_worker(keyed: Any) -> None:
+    app, keys = keyed
+    worker = f"http://127.0.0.1:{app.settings['workers']['base_port']}/mcp"
+    for url in (app.mcp_url, worker):  # through nginx, and straight to a worker's loopback port
+        marker = uuid.uuid4().hex
+        unsafe = f'{marker}","principal":"admin'
+        headers, body = modern_request("tools/call", "search_notes", {"name": "search_notes", "arguments": {"query": "x"}})
+        status, answer, _ = http("POST", url, body, {**headers, **bearer(keys["reader"]), "X-Request-ID": unsafe})
+        assert status == 200 and answer.get("x-request-id") != unsafe
+        # The record is written before the answer leaves: it is there, under a fresh id.
+        assert not [r for r in audit_records(app) if marker in r["request_id"]], url
+    safe = "client-chosen.id:1_" + uuid.uuid4().hex[:8]
+    status, headers, _ = call(app, "tools/list", headers={**bearer(keys["reader"]), "X-Request-ID": safe})
+    assert status == 200 and headers["x-request-id"] == safe
+    assert wait_until(lambda: record_for(app, safe), 5, "audit record")["request_id"] == safe
+
+
+def strict_json(line: str) -> Any:
+    """json.loads that refuses NaN and Infinity, as every other JSON parser does."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} in the audit trail")
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("body", [b'{"jsonrpc":"2.0","id":NaN,"method":"tools/list"}',
+                                  b'{"jsonrpc":"2.0","id":Infinity,"method":"tools/list"}',
+                                  b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add_note",'
+                                  b'"arguments":{"title":"t","body":"b","n":-Infinity}}}'])
+def test_nan_and_infinity_are_refused_and_the_audit_trail_stays_json(keyed: Any, body: bytes) -> None:
+    app, keys = keyed
+    rid = uuid.uuid4().hex
+    headers, _ = modern_request("tools/list", None, {})
+    status, _, raw = http("POST", app.mcp_url, body, {**headers, **bearer(keys["writer"]), "X-Request-ID": rid})
+    assert status == 400 and json.loads(raw)["error"]["code"] == -32600
+    record = wait_until(lambda: record_for(app, rid), 5, "audit record")
+    assert record["status"] == 400
+    for path in sorted((Path(app.settings["log_dir"]) / "audit").glob("*.jsonl*")):
+        for line in path.read_text().splitlines():
+            strict_json(line)
+
+
+def test_a_body_nested_far_too_deep_gets_400_and_a_record_that_says_so(keyed: Any) -> None:
+    app, keys = keyed
+    rid = uuid.uuid4().hex
+    headers, _ = modern_request("tools/list", None, {})
+    status, _, raw = http("POST", app.mcp_url, b"[" * (BODY_LIMIT - 1024), {**headers, **bearer(keys["writer"]), "X-Request-ID": rid})
+    assert status == 400 and json.loads(raw)["error"]["code"] == -32700
+    assert wait_until(lambda: record_for(app, rid), 5, "audit record")["status"] == 400
+    assert call(app, "tools/list", headers=bearer(keys["writer"]))[0] == 200  # the worker is fine
+
+
 def test_oversize_bodies_get_413_json_from_nginx_and_from_the_worker(keyed: Any) -> None:
     app, keys = keyed
     headers, _ = modern_request("tools/call", "add_note", {})

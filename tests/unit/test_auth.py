@@ -388,3 +388,61 @@ def test_keys_cli_adds_lists_and_revokes_without_ever_listing_a_key(tmp_path: Pa
     assert "agent-x" not in cli(tmp_path, "keys", "list").stdout
     refused = cli(tmp_path, "keys", "revoke", "000000000000")
     assert refused.returncode == 2 and "no key with id" in refused.stderr
+
+
+# --- JWT audience (the MCP authorization spec: tokens minted for this server only) --------
+
+
+def jwt_config(tmp_path: Path, environment: str, **auth: Any) -> Path:
+    key_file = tmp_path / "secret"
+    key_file.write_bytes(SECRET)
+    path = tmp_path / "appliance.toml"
+    path.write_text(to_toml({"environment": environment, "auth": {"mode": "jwt", "jwt_key_file": str(key_file), **auth}}))
+    return path
+
+
+@pytest.mark.parametrize(("auth", "key", "opt_out"),
+                         [({"jwt_issuer": "https://idp.example"}, "auth.jwt_audience", "auth.jwt_allow_any_audience"),
+                          ({"jwt_audience": "https://mcp.example/mcp"}, "auth.jwt_issuer", "auth.jwt_allow_any_issuer")])
+def test_jwt_in_production_without_audience_or_issuer_is_refused_naming_the_key(
+        tmp_path: Path, auth: dict[str, Any], key: str, opt_out: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}' is empty .*'{opt_out}' = true"):
+        load_settings(jwt_config(tmp_path, "production", **auth), {})
+
+
+def test_jwt_in_production_loads_with_resource_url_as_audience_or_explicit_opt_outs(tmp_path: Path) -> None:
+    loaded = load_settings(jwt_config(tmp_path, "production", jwt_issuer="https://idp.example",
+                                      resource_url="https://mcp.example/mcp"), {})
+    assert loaded.auth.resource_url == "https://mcp.example/mcp"
+    opted = load_settings(jwt_config(tmp_path, "production", jwt_allow_any_audience=True, jwt_allow_any_issuer=True), {})
+    assert opted.auth.jwt_allow_any_audience and opted.auth.jwt_allow_any_issuer
+
+
+def test_check_fails_naming_the_audience_key_for_jwt_in_production(tmp_path: Path) -> None:
+    path = jwt_config(tmp_path, "production", jwt_issuer="https://idp.example")
+    result = subprocess.run([sys.executable, "-m", "appliance", "--config", str(path), "check"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "'auth.jwt_audience'" in result.stderr
+
+
+def test_the_resource_url_is_the_audience_when_none_is_set(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret"
+    key_file.write_bytes(SECRET)
+    tokens = JwtTokens(jwt_settings(tmp_path, key_file, jwt_audience="", resource_url="https://mcp.example/mcp"))
+    assert tokens.authenticate(jwt.encode(claims(aud="https://mcp.example/mcp"), SECRET, algorithm="HS256")).name
+    with pytest.raises(AuthFailure, match="(?i)audience"):
+        tokens.authenticate(jwt.encode(claims(aud="https://other-service.example"), SECRET, algorithm="HS256"))
+
+
+def test_jwt_without_audience_outside_production_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    key_file = tmp_path / "secret"
+    key_file.write_bytes(SECRET)
+    with caplog.at_level("WARNING", logger="appliance.auth"):
+        tokens = JwtTokens(jwt_settings(tmp_path, key_file, jwt_audience=""))
+    assert any("auth.jwt_audience is empty" in r.getMessage() for r in caplog.records)
+    # and it is true: a token minted for another service is accepted
+    assert tokens.authenticate(jwt.encode(claims(aud="https://other-service.example"), SECRET, algorithm="HS256")).name
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="appliance.auth"):
+        JwtTokens(jwt_settings(tmp_path, key_file))
+    assert not caplog.records

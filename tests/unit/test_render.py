@@ -137,7 +137,7 @@ def test_every_worker_has_a_session_map_entry_and_an_upstream(tmp_path: Path, no
 def test_mcp_location_streams_and_turns_a_dead_owner_into_404(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, 2, mcp=McpSettings(path="/agents/mcp"))
     nginx = render(tmp_path, settings)["nginx.conf"]
-    location = re.search(r"location /agents/mcp \{(.*?)\}", nginx, re.S)
+    location = re.search(r"location = /agents/mcp \{(.*?)\}", nginx, re.S)
     assert location is not None
     assert "proxy_buffering off;" in location[1]
     assert f"proxy_read_timeout {settings.http.read_timeout}s;" in location[1]
