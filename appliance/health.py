@@ -77,6 +77,7 @@ class HealthChecker:
             or serving < len(probes)
             or any(not settled(p, probes) for p in programs)
             or not is_ready
+            or any(p.get("degraded") for p in probes)
         ):
             status = "degraded"
         else:
@@ -132,5 +133,6 @@ def problems(programs: list[ProcessInfo], probes: list[dict[str, Any]]) -> list[
             reasons.append(f"worker {probe['worker']} is draining (an operation is restarting or removing it)")
         elif not probe["ok"] and "error" in probe:
             reasons.append(f"worker {probe['worker']} does not answer its probe: {probe['error']}")
+        reasons += [f"worker {probe['worker']}: {reason}" for reason in probe.get("degraded", ())]
     return reasons
 
