@@ -61,6 +61,12 @@ def audit_write_errors(registry: CollectorRegistry | None = None) -> Counter:
                    "for them (disk full, read-only, permissions)", registry=registry)
 
 
+def storage_errors(registry: CollectorRegistry | None = None) -> Counter:
+    """Writes of a hosted server's data that the storage refused, by reason (the default notes server counts)."""
+    return Counter("mcp_appliance_storage_errors", "Writes of hosted data the storage refused, by reason "
+                   "(full, read_only, io_error, cannot_open)", ["reason"], registry=registry)
+
+
 class GateMetrics:
     """What each worker's gate counts."""
 

@@ -24,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir
+from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir, storage_errors
 from appliance.runtime import live_worker_count
 from appliance.supervisor import SupervisorUnavailable
 
@@ -216,6 +216,7 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     gate.tool_latency.labels("x").observe(0.01)
     ProcessEvents(1, None, registry)
     EdgeEvents(registry)
+    storage_errors(registry).labels("full").inc()
     settings = settings or Settings()
     stub = "Active connections: 1\nserver accepts handled requests\n 1 1 1\nReading: 0 Writing: 1 Waiting: 0\n"
     static = [*process_families([("admin", os.getpid())]), *nginx_families(stub), *appliance_families(settings, None, 0)]
