@@ -196,6 +196,40 @@ async def scrape(settings: Settings, checker: Any) -> bytes:
     return await asyncio.to_thread(build)
 
 
+#: Seconds one scrape answers every /metrics request: a flood costs at most one scrape per interval
+#: (Prometheus scrapes every 15 s or so and never notices).
+SCRAPE_TTL = 0.5
+
+
+class CachedScrape:
+    """The /metrics body, shared: concurrent requests await one scrape, later ones reuse it for `ttl` seconds."""
+
+    def __init__(self, settings: Settings, checker: Any, ttl: float = SCRAPE_TTL) -> None:
+        self.settings = settings
+        self.checker = checker
+        self.ttl = ttl
+        self._body: bytes | None = None
+        self._made = 0.0
+        self._running: asyncio.Future[bytes] | None = None
+
+    async def body(self) -> bytes:
+        """A scrape at most `ttl` seconds old (or the one under way)."""
+        if self._body is not None and time.monotonic() - self._made < self.ttl:
+            return self._body
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._refresh())
+        # Shielded: a client that gives up must not cancel the scrape the others wait for.
+        return await asyncio.shield(self._running)
+
+    async def _refresh(self) -> bytes:
+        try:
+            body = await scrape(self.settings, self.checker)
+            self._body, self._made = body, time.monotonic()
+            return body
+        finally:
+            self._running = None
+
+
 def render(families: list[Metric], multiproc: Path | None) -> bytes:
     """The exposition text: the processes' files merged, plus `families`."""
     registry = CollectorRegistry()
