@@ -27,7 +27,7 @@ from appliance.supervisor import SupervisorClient, socket_path
 def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -> Starlette:
     """The Starlette admin app for `settings`."""
     checker = checker or HealthChecker(settings, SupervisorClient(socket_path(settings.run_dir)))
-    cached_scrape = scrape.CachedScrape(settings, checker)
+    shared_scrape = scrape.SharedScrape(settings, checker)
 
     async def health(request: Request) -> JSONResponse:
         status, doc = await checker.report()
@@ -55,7 +55,7 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
         return JSONResponse(redacted(settings))
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(await cached_scrape.body(), media_type=scrape.CONTENT_TYPE)
+        return Response(await shared_scrape.body(), media_type=scrape.CONTENT_TYPE)
 
     async def resource_metadata(request: Request) -> JSONResponse:
         if settings.auth.mode != "jwt":

@@ -196,36 +196,45 @@ async def scrape(settings: Settings, checker: Any) -> bytes:
     return await asyncio.to_thread(build)
 
 
-#: Seconds one scrape answers every /metrics request: a flood costs at most one scrape per interval
-#: (Prometheus scrapes every 15 s or so and never notices).
-SCRAPE_TTL = 0.5
+#: Least seconds between the starts of two scrapes: a flood of /metrics costs at most 1/SCRAPE_INTERVAL
+#: scrapes per second, and a lone request waits at most this long.
+SCRAPE_INTERVAL = 0.25
 
 
-class CachedScrape:
-    """The /metrics body, shared: concurrent requests await one scrape, later ones reuse it for `ttl` seconds."""
+class SharedScrape:
+    """The /metrics body, shared: every request that arrives before a scrape starts gets that scrape.
 
-    def __init__(self, settings: Settings, checker: Any, ttl: float = SCRAPE_TTL) -> None:
+    So an answer is never older than its request (two scrapes in a row see what happened
+    between them), yet a flood of requests costs one scrape per SCRAPE_INTERVAL.
+    """
+
+    def __init__(self, settings: Settings, checker: Any, interval: float = SCRAPE_INTERVAL) -> None:
         self.settings = settings
         self.checker = checker
-        self.ttl = ttl
-        self._body: bytes | None = None
-        self._made = 0.0
+        self.interval = interval
+        #: The scrape that requests arriving now will get (it has not started yet).
+        self._next: asyncio.Future[bytes] | None = None
         self._running: asyncio.Future[bytes] | None = None
+        self._last_start = -interval
 
     async def body(self) -> bytes:
-        """A scrape at most `ttl` seconds old (or the one under way)."""
-        if self._body is not None and time.monotonic() - self._made < self.ttl:
-            return self._body
-        if self._running is None:
-            self._running = asyncio.ensure_future(self._refresh())
+        """A scrape that starts after this call (shared with every call until it starts)."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._scrape_next())
         # Shielded: a client that gives up must not cancel the scrape the others wait for.
-        return await asyncio.shield(self._running)
+        return await asyncio.shield(self._next)
 
-    async def _refresh(self) -> bytes:
+    async def _scrape_next(self) -> bytes:
+        if self._running is not None:
+            await asyncio.wait([self._running])
+        delay = self._last_start + self.interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # From here on, new requests wait for the scrape after this one.
+        self._running, self._next = self._next, None
+        self._last_start = time.monotonic()
         try:
-            body = await scrape(self.settings, self.checker)
-            self._body, self._made = body, time.monotonic()
-            return body
+            return await scrape(self.settings, self.checker)
         finally:
             self._running = None
 
