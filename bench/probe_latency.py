@@ -23,54 +23,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx2
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.harness starts appliances the way the tests do
 
-from tests.harness import Appliance, http, new_appliance, running  # noqa: E402
-
-
-def sample_probes(base: str, stop: threading.Event, out: dict[str, list[float]]) -> None:
-    """Time /health/ready and /health/live every 100 ms until `stop` (a failure counts as 10 s)."""
-    with httpx2.Client(trust_env=False, timeout=10) as client:
-        while not stop.is_set():
-            for path in ("/health/ready", "/health/live"):
-                started = time.perf_counter()
-                try:
-                    ok = client.get(base + path).status_code == 200
-                except httpx2.HTTPError:
-                    ok = False
-                out[path].append(time.perf_counter() - started if ok else 10.0)
-            stop.wait(0.1)
-
-
-def paced_flood(url: str, rate: float, seconds: float) -> tuple[int, int]:
-    """`rate` GETs of `url` per second for `seconds`, each on its own thread; (answered 200, sent)."""
-    ok = sent = 0
-    lock = threading.Lock()
-
-    def one() -> None:
-        nonlocal ok
-        try:
-            status = http("GET", url, timeout=30)[0]
-        except OSError:
-            return
-        if status == 200:
-            with lock:
-                ok += 1
-
-    threads = []
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        t = threading.Thread(target=one, daemon=True)
-        t.start()
-        threads.append(t)
-        sent += 1
-        time.sleep(max(0.0, started + sent / rate - time.monotonic()))
-    for t in threads:
-        t.join(60)
-    return ok, sent
+from tests.harness import Appliance, new_appliance, running  # noqa: E402
+from tests.integration.flood import paced_gets, time_probes  # noqa: E402
 
 
 def wrk_flood(url: str, seconds: float, connections: int = 64) -> tuple[float, int]:
@@ -85,8 +42,9 @@ def wrk_flood(url: str, seconds: float, connections: int = 64) -> tuple[float, i
 def under_flood(app: Appliance, flood: Callable[[], str]) -> str:
     """Run `flood` while sampling the probes through nginx; one Markdown row."""
     samples: dict[str, list[float]] = {"/health/ready": [], "/health/live": []}
+    failed: list[str] = []
     stop = threading.Event()
-    sampler = threading.Thread(target=sample_probes, args=(app.url, stop, samples))
+    sampler = threading.Thread(target=time_probes, args=(app.url, tuple(samples), stop, samples, failed))
     sampler.start()
     try:
         served = flood()
@@ -97,7 +55,7 @@ def under_flood(app: Appliance, flood: Callable[[], str]) -> str:
     for path in ("/health/ready", "/health/live"):
         values = sorted(samples[path]) or [float("nan")]
         cells.append(f"{statistics.median(values) * 1000:.0f} / {values[-1] * 1000:.0f}")
-    return f"| {served} | {' | '.join(cells)} | {len(samples['/health/ready'])} |"
+    return f"| {served} | {' | '.join(cells)} | {len(samples['/health/ready'])} | {len(failed)} |"
 
 
 def main() -> int:
@@ -110,12 +68,12 @@ def main() -> int:
     with running(new_appliance(args.workers, limits={"exempt": []})) as app:
         admin = f"http://127.0.0.1:{app.settings['admin']['port']}/metrics"
         edge = app.url + "/metrics"
-        rows = ["| flood of /metrics | served | /health/ready p50 / max ms | /health/live p50 / max ms | samples |",
-                "|---|---|---|---|---|"]
+        rows = ["| flood of /metrics | served | /health/ready p50 / max ms | /health/live p50 / max ms | samples "
+                "| probes failed |", "|---|---|---|---|---|---|"]
         rows.append("| none " + under_flood(app, lambda: time.sleep(args.seconds / 2) or "-"))
         for name, url in (("admin port", admin), ("nginx", edge)):
             def paced(url: str = url) -> str:
-                ok, sent = paced_flood(url, args.rate, args.seconds)
+                ok, sent = paced_gets(url, args.rate, args.seconds)
                 return f"{ok}/{sent} answered 200"
 
             def unpaced(url: str = url) -> str:
