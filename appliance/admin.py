@@ -27,13 +27,15 @@ from appliance.supervisor import SupervisorClient, socket_path
 def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -> Starlette:
     """The Starlette admin app for `settings`."""
     checker = checker or HealthChecker(settings, SupervisorClient(socket_path(settings.run_dir)))
+    shared_scrape = scrape.SharedScrape(settings, checker)
 
     async def health(request: Request) -> JSONResponse:
         status, doc = await checker.report()
         return JSONResponse(doc, status_code=503 if status == "down" else 200)
 
     async def live(request: Request) -> JSONResponse:
-        # Alive means this process answers; restarting the pod would not fix a worker.
+        # Alive means this process answers; restarting the pod would not fix a worker. Nothing
+        # here waits for a scrape or a probe, so a flood of /metrics cannot fail the liveness probe.
         return JSONResponse({"status": "alive"})
 
     async def ready(request: Request) -> JSONResponse:
@@ -53,7 +55,7 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
         return JSONResponse(redacted(settings))
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(await scrape.scrape(settings, checker), media_type=scrape.CONTENT_TYPE)
+        return Response(await shared_scrape.body(), media_type=scrape.CONTENT_TYPE)
 
     async def resource_metadata(request: Request) -> JSONResponse:
         if settings.auth.mode != "jwt":

@@ -212,6 +212,16 @@ class AuditSettings:
     max_bytes: int = 100 * 1024 * 1024
     #: Rotated audit files kept per process.
     backups: int = 10
+    #: When an audit record cannot be written (disk full, read-only): "refuse" answers calls 503
+    #: before they run until records can be written again, "continue" serves them unaudited
+    #: (counted and logged); "auto": "refuse" when environment = "production", else "continue".
+    on_error: Literal["auto", "refuse", "continue"] = "auto"
+
+
+def audit_refuses(settings: Settings) -> bool:
+    """Whether calls are refused while the audit trail cannot be written (audit.on_error, "auto" resolved)."""
+    mode = settings.audit.on_error
+    return mode == "refuse" or (mode == "auto" and settings.environment == "production")
 
 
 @dataclass(frozen=True)

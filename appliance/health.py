@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 import httpx2
@@ -23,6 +24,31 @@ def worker_process_name(index: int) -> str:
     return worker_program(index)
 
 
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[T]):
+    """Concurrent callers share one run of `fn` (a flood of probes costs one round, not one per request).
+
+    Nothing is cached: a call that starts after a run finished makes a fresh one.
+    """
+
+    def __init__(self, fn: Callable[[], Awaitable[T]]) -> None:
+        self.fn = fn
+        self._running: asyncio.Future[T] | None = None
+
+    async def __call__(self) -> T:
+        if self._running is None:
+            self._running = asyncio.ensure_future(self.fn())
+            self._running.add_done_callback(self._finished)
+        # Shielded: one caller that gives up must not cancel the run the others wait for.
+        return await asyncio.shield(self._running)
+
+    def _finished(self, future: asyncio.Future[T]) -> None:
+        if self._running is future:
+            self._running = None
+
+
 @dataclass
 class HealthChecker:
     """Asks supervisord and the workers; remembers whether the appliance was ever ready."""
@@ -32,6 +58,10 @@ class HealthChecker:
     client: httpx2.AsyncClient = field(default_factory=lambda: httpx2.AsyncClient(trust_env=False))
     started: float = field(default_factory=time.time)
     ever_ready: bool = False
+
+    def __post_init__(self) -> None:
+        self._probes = SingleFlight(self._probe_workers)
+        self._programs = SingleFlight(self._read_programs)
 
     async def probe_worker(self, index: int) -> dict[str, Any]:
         """One worker's probe answer, or why there is none."""
@@ -44,12 +74,18 @@ class HealthChecker:
         return {"worker": index, "ok": response.status_code == 200, **body}
 
     async def probe_workers(self) -> list[dict[str, Any]]:
-        """Every worker's probe, concurrently."""
+        """Every worker's probe, concurrently (callers at the same moment share one round)."""
+        return await self._probes()
+
+    async def _probe_workers(self) -> list[dict[str, Any]]:
         count = live_worker_count(self.settings)  # a live `scale` changes it
         return list(await asyncio.gather(*(self.probe_worker(k) for k in range(count))))
 
     async def programs(self) -> tuple[list[ProcessInfo], str | None]:
-        """supervisord's process list (empty with an error message when it does not answer)."""
+        """supervisord's process list (empty with an error message when it does not answer); shared like the probes."""
+        return await self._programs()
+
+    async def _read_programs(self) -> tuple[list[ProcessInfo], str | None]:
         try:
             return await anyio.to_thread.run_sync(self.supervisor.processes), None
         except SupervisorUnavailable as exc:
@@ -77,6 +113,7 @@ class HealthChecker:
             or serving < len(probes)
             or any(not settled(p, probes) for p in programs)
             or not is_ready
+            or any(p.get("degraded") for p in probes)
         ):
             status = "degraded"
         else:
@@ -132,5 +169,6 @@ def problems(programs: list[ProcessInfo], probes: list[dict[str, Any]]) -> list[
             reasons.append(f"worker {probe['worker']} is draining (an operation is restarting or removing it)")
         elif not probe["ok"] and "error" in probe:
             reasons.append(f"worker {probe['worker']} does not answer its probe: {probe['error']}")
+        reasons += [f"worker {probe['worker']}: {reason}" for reason in probe.get("degraded", ())]
     return reasons
 

@@ -55,6 +55,18 @@ def reset_multiproc_dir(path: Path, owner: tuple[int, int] | None) -> None:
         os.chown(path, *owner)
 
 
+def audit_write_errors(registry: CollectorRegistry | None = None) -> Counter:
+    """The count of failed audit writes (records, or the space reserved for them), in any process."""
+    return Counter("mcp_appliance_audit_write_errors", "Failed writes of audit records or of the space reserved "
+                   "for them (disk full, read-only, permissions)", registry=registry)
+
+
+def storage_errors(registry: CollectorRegistry | None = None) -> Counter:
+    """Writes of a hosted server's data that the storage refused, by reason (the default notes server counts)."""
+    return Counter("mcp_appliance_storage_errors", "Writes of hosted data the storage refused, by reason "
+                   "(full, read_only, io_error, cannot_open)", ["reason"], registry=registry)
+
+
 class GateMetrics:
     """What each worker's gate counts."""
 
@@ -74,8 +86,7 @@ class GateMetrics:
                                   "by kind", ["kind"], registry=registry)
         self.sessions = Gauge("mcp_appliance_sessions_open", "Legacy MCP sessions open per worker", ["worker"],
                               multiprocess_mode="livesum", registry=registry)
-        self.audit_errors = Counter("mcp_appliance_audit_write_errors", "Audit records that could not be written",
-                                    registry=registry)
+        self.audit_errors = audit_write_errors(registry)
         for kind in VIOLATIONS:
             self.violations.labels(kind)
         for decision, reason in (("allowed", "authenticated"), ("denied", "bad_credential"), ("denied", "missing_scope")):

@@ -24,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir
+from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir, storage_errors
 from appliance.runtime import live_worker_count
 from appliance.supervisor import SupervisorUnavailable
 
@@ -196,6 +196,49 @@ async def scrape(settings: Settings, checker: Any) -> bytes:
     return await asyncio.to_thread(build)
 
 
+#: Least seconds between the starts of two scrapes: a flood of /metrics costs at most 1/SCRAPE_INTERVAL
+#: scrapes per second, and a lone request waits at most this long.
+SCRAPE_INTERVAL = 0.25
+
+
+class SharedScrape:
+    """The /metrics body, shared: every request that arrives before a scrape starts gets that scrape.
+
+    So an answer is never older than its request (two scrapes in a row see what happened
+    between them), yet a flood of requests costs one scrape per SCRAPE_INTERVAL.
+    """
+
+    def __init__(self, settings: Settings, checker: Any, interval: float = SCRAPE_INTERVAL) -> None:
+        self.settings = settings
+        self.checker = checker
+        self.interval = interval
+        #: The scrape that requests arriving now will get (it has not started yet).
+        self._next: asyncio.Future[bytes] | None = None
+        self._running: asyncio.Future[bytes] | None = None
+        self._last_start = -interval
+
+    async def body(self) -> bytes:
+        """A scrape that starts after this call (shared with every call until it starts)."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._scrape_next())
+        # Shielded: a client that gives up must not cancel the scrape the others wait for.
+        return await asyncio.shield(self._next)
+
+    async def _scrape_next(self) -> bytes:
+        if self._running is not None:
+            await asyncio.wait([self._running])
+        delay = self._last_start + self.interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # From here on, new requests wait for the scrape after this one.
+        self._running, self._next = self._next, None
+        self._last_start = time.monotonic()
+        try:
+            return await scrape(self.settings, self.checker)
+        finally:
+            self._running = None
+
+
 def render(families: list[Metric], multiproc: Path | None) -> bytes:
     """The exposition text: the processes' files merged, plus `families`."""
     registry = CollectorRegistry()
@@ -216,6 +259,7 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     gate.tool_latency.labels("x").observe(0.01)
     ProcessEvents(1, None, registry)
     EdgeEvents(registry)
+    storage_errors(registry).labels("full").inc()
     settings = settings or Settings()
     stub = "Active connections: 1\nserver accepts handled requests\n 1 1 1\nReading: 0 Writing: 1 Waiting: 0\n"
     static = [*process_families([("admin", os.getpid())]), *nginx_families(stub), *appliance_families(settings, None, 0)]

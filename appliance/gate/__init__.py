@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp
 
-from appliance.config import Settings
+from appliance.config import Settings, audit_refuses
+from appliance.gate.audit import AuditGuard
 from appliance.gate.auth import Authenticate
 from appliance.gate.binding import SessionBinding
 from appliance.gate.drain import Drain
@@ -44,6 +45,9 @@ def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats,
         lambda a: PolicyCheck(a, s.policy),
         lambda a: SessionOwnership(a, settings.node.ordinal, index, stats),
     ]
+    if s.audit is not None and audit_refuses(settings):
+        # Last, right before the hosted app: a call whose record would have no room never runs.
+        layers.append(lambda a: AuditGuard(a, s.audit))  # type: ignore[arg-type]
     for layer in reversed(layers):
         app = layer(app)
     return app

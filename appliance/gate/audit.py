@@ -6,24 +6,38 @@ before the answer leaves the process: once a client has its answer, the record i
 the kernel, and a crash (even kill -9) of the process cannot lose it. fsync policy
 decides when it also survives a crash of the machine. The writer rotates its own file
 (rename, then open a new one), so rotation never drops or splits a line.
+
+A full or read-only disk must not let a call run unaudited (audit.on_error = "refuse"),
+yet the record is written only once the call is answered. So the writer keeps space
+allocated ahead of its file's end (fallocate with KEEP_SIZE: one syscall per RESERVE/2
+bytes written, none per record) and fails as soon as it cannot renew that space, while
+the calls already running still have room for their records. A failed writer refuses new
+calls (AuditGuard) and retries on each one (reopen, renew the space), so it recovers by
+itself once the disk has room again. Every failure is counted and named in /health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.conditions import Conditions
 from appliance.config import AuditSettings, Settings
 from appliance.gate.exchange import Exchange
+from appliance.gate.responses import INTERNAL_ERROR, send_jsonrpc_error
+from appliance.metrics import audit_write_errors
 
 logger = logging.getLogger("appliance.audit")
 
@@ -47,29 +61,121 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+#: Bytes the writer keeps allocated beyond its file's end; renewed when less than half is left,
+#: so the calls running when the disk fills have at least RESERVE/2 bytes for their records.
+RESERVE = 64 * 1024
+_FALLOC_FL_KEEP_SIZE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+
+
+def reserve_space(fd: int, offset: int, length: int) -> None:
+    """Allocate `length` bytes from `offset` without changing the file's size (OSError when the disk cannot)."""
+    if _fallocate is None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 class AuditWriter:
     """Appends records to one file this process alone writes."""
 
-    def __init__(self, path: Path, settings: AuditSettings) -> None:
+    def __init__(self, path: Path, settings: AuditSettings, *, on_failure: Callable[[], None] | None = None,
+                 conditions: Conditions | None = None, refuse: bool = False) -> None:
         self.path = path
         self.fsync = settings.fsync
         self.interval = settings.fsync_interval
         self.max_bytes = settings.max_bytes
         self.backups = settings.backups
+        self.on_failure = on_failure
+        self.conditions = conditions
+        self.refuse = refuse
         self.errors = 0
+        #: Why records cannot be written (None: they can); set by a failed write or space renewal.
+        self.failure: str | None = None
         self.dirty = False
         self._syncing = False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._open()
+        #: False on a filesystem without fallocate: a failed write is then the first sign.
+        self._reserving = True
+        self.fd: int | None = None
+        self.size = self.reserved_to = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+            self._reserve()
+        except OSError as exc:  # a read-only or full disk at start: the worker serves (or refuses) anyway
+            self._failed(exc)
 
     def _open(self) -> None:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self.size = os.fstat(self.fd).st_size
+        self.size = self.reserved_to = os.fstat(self.fd).st_size
+
+    def _reserve(self) -> None:
+        """Renew the space ahead of the file's end; OSError when the disk has none."""
+        if not self._reserving or self.fd is None:
+            return
+        try:
+            reserve_space(self.fd, self.size, RESERVE)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._reserving = False
+            logger.warning("audit trail %s: the filesystem cannot reserve space (%s); with a full disk, a call may "
+                           "run whose record then fails", self.path, exc.strerror)
+            return
+        self.reserved_to = self.size + RESERVE
+
+    def _failed(self, exc: OSError) -> None:
+        """Count the failure; the first one of a run puts the writer (and /health) in the failed state."""
+        self.errors += 1
+        if self.on_failure is not None:
+            self.on_failure()
+        consequence = "calls are refused (503)" if self.refuse else "calls are served unaudited"
+        if self.failure is None:
+            logger.error("audit trail %s cannot be written: %s; %s until it can (audit.on_error)", self.path,
+                         exc.strerror or exc, consequence)
+        self.failure = exc.strerror or str(exc)
+        if self.conditions is not None:
+            self.conditions.set("audit", f"audit trail {self.path} cannot be written ({self.failure}): "
+                                f"{consequence} until records can be written again; "
+                                "free space or fix permissions under <log_dir>/audit/")
+
+    def _recovered(self) -> None:
+        logger.warning("audit trail %s can be written again", self.path)
+        self.failure = None
+        if self.conditions is not None:
+            self.conditions.clear("audit")
+
+    def ready(self) -> bool:
+        """Whether the next call's record has room; once failed, each call retries (reopen, renew the space).
+
+        The healthy path reads one attribute: no syscall per call.
+        """
+        if self.failure is None:
+            return True
+        try:
+            if self.fd is None:
+                self._open()
+            elif not self._reserving:
+                return False  # no reservation here: the next write that succeeds recovers
+            self._reserve()
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        self._recovered()
+        return True
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record now (before the answer it describes is sent)."""
         data = (_line(record) + "\n").encode()
         try:
+            if self.fd is None:
+                self._open()
+            assert self.fd is not None
             if self.size + len(data) > self.max_bytes and self.size > 0:
                 self._rotate()
             view = memoryview(data)
@@ -77,9 +183,17 @@ class AuditWriter:
                 view = view[os.write(self.fd, view):]
             self.size += len(data)
         except OSError as exc:
-            self.errors += 1
+            self._failed(exc)
             logger.error("audit record not written to %s: %s", self.path, exc, extra={"audit_record": record})
             return
+        try:
+            if self.size > self.reserved_to - RESERVE // 2:
+                self._reserve()  # written, but the next calls would have no room: refuse them
+        except OSError as exc:
+            self._failed(exc)
+        else:
+            if self.failure is not None and (not self._reserving or self.size <= self.reserved_to - RESERVE // 2):
+                self._recovered()
         if self.fsync == "every":
             os.fdatasync(self.fd)
         elif self.fsync == "interval":
@@ -102,6 +216,8 @@ class AuditWriter:
         """fdatasync in a thread, so the event loop never waits for the disk."""
         try:
             self.dirty = False
+            if self.fd is None:  # closed, or never opened: nothing to sync
+                return
             fd = os.dup(self.fd)  # survives a rotation that closes self.fd meanwhile
             try:
                 await asyncio.to_thread(os.fdatasync, fd)
@@ -115,8 +231,11 @@ class AuditWriter:
                 self._schedule_sync()
 
     def _rotate(self) -> None:
+        assert self.fd is not None
         os.fdatasync(self.fd)
+        os.ftruncate(self.fd, self.size)  # give back the space reserved beyond the end
         os.close(self.fd)
+        self.fd = None
         for n in range(self.backups - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{n}")
             if older.exists():
@@ -125,8 +244,12 @@ class AuditWriter:
         self._open()
 
     def close(self) -> None:
+        if self.fd is None:
+            return
         os.fdatasync(self.fd)
+        os.ftruncate(self.fd, self.size)
         os.close(self.fd)
+        self.fd = None
 
 
 class AuditRecorder:
@@ -174,6 +297,22 @@ class AuditRecorder:
         self.writer.write(record)
 
 
+class AuditGuard:
+    """audit.on_error = "refuse": a call whose audit record has no room is answered 503 and never run."""
+
+    def __init__(self, app: ASGIApp, writer: AuditWriter) -> None:
+        self.app = app
+        self.writer = writer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.writer.ready():
+            await send_jsonrpc_error(
+                send, 503, f"The audit trail cannot be written ({self.writer.failure}): the call was refused and "
+                "not run (audit.on_error = refuse); retry later", code=INTERNAL_ERROR, headers=[(b"retry-after", b"1")])
+            return
+        await self.app(scope, receive, send)
+
+
 class AdminAudit:
     """One audit line per admin action (/admin/*), written before the answer goes out."""
 
@@ -186,7 +325,8 @@ class AdminAudit:
     def writer(self) -> AuditWriter:
         """Opened on the first admin action (building the app opens no file)."""
         if self._writer is None:
-            self._writer = AuditWriter(audit_dir(self.settings.log_dir) / "admin.jsonl", self.settings.audit)
+            self._writer = AuditWriter(audit_dir(self.settings.log_dir) / "admin.jsonl", self.settings.audit,
+                                       on_failure=audit_write_errors().inc)
         return self._writer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import keys
-from appliance.config import ConfigError, Settings
+from appliance.conditions import PROCESS_CONDITIONS
+from appliance.config import ConfigError, Settings, audit_refuses
 from appliance.gate.audit import AuditRecorder, AuditWriter, audit_dir
 from appliance.gate.auth import Authenticator, load_authenticator
 from appliance.gate.metrics import RequestMetrics
@@ -42,14 +43,17 @@ class GateServices:
 
 def gate_services(settings: Settings, index: int) -> GateServices:
     """Load credentials and open the audit file for worker `index`; ConfigError when unusable."""
+    metrics = GateMetrics(index)
     audit = None
     if settings.audit.enabled:
-        audit = AuditWriter(audit_dir(settings.log_dir) / f"worker-{index:02d}.jsonl", settings.audit)
+        audit = AuditWriter(audit_dir(settings.log_dir) / f"worker-{index:02d}.jsonl", settings.audit,
+                            on_failure=metrics.audit_errors.inc, conditions=PROCESS_CONDITIONS,
+                            refuse=audit_refuses(settings))
     return GateServices(
         authenticator=load_authenticator(settings),
         # Resource rules match what the hosted app resolves a URI to (its templates).
         policy=Policy(settings.policy, hosted_resources(settings.mcp.app)),
-        metrics=GateMetrics(index),
+        metrics=metrics,
         audit=audit,
     )
 

@@ -7,6 +7,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from appliance.conditions import PROCESS_CONDITIONS, Conditions
+
 
 @dataclass
 class WorkerStats:
@@ -23,6 +25,8 @@ class WorkerStats:
     draining: bool = False
     #: Set when draining starts (SIGUSR1 from an operation, or SIGTERM): open streams end.
     drain_started: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    #: What is failing in this process (audit trail, hosted app's storage): the probe says "degraded".
+    conditions: Conditions = field(default_factory=lambda: PROCESS_CONDITIONS, repr=False)
 
     def start_draining(self) -> None:
         """Stop taking session work and let nginx's connections go (see gate/drain.py)."""
@@ -30,9 +34,10 @@ class WorkerStats:
         self.drain_started.set()
 
     def snapshot(self) -> dict[str, object]:
-        """The probe's JSON body."""
-        return {
-            "status": "draining" if self.draining else "ok",
+        """The probe's JSON body ("degraded" lists what fails; the worker still answers)."""
+        degraded = self.conditions.reasons()
+        doc: dict[str, object] = {
+            "status": "draining" if self.draining else "degraded" if degraded else "ok",
             "worker": self.index,
             "pid": self.pid,
             "uptime": round(time.time() - self.started, 3),
@@ -41,3 +46,6 @@ class WorkerStats:
             "sessions_opened": self.sessions_opened,
             "sessions_open": self.sessions_opened - self.sessions_closed,
         }
+        if degraded:
+            doc["degraded"] = degraded
+        return doc

@@ -3,6 +3,11 @@
 Hosted-app contract: the data directory is ``$MCP_APPLIANCE_DATA_DIR`` (read on first use,
 default ``/var/lib/mcp-appliance``); notes live in ``notes.db`` there, a WAL-mode SQLite file
 shared by every worker process, with an FTS5 index kept in sync by triggers.
+
+A write the disk refuses (full, read-only, I/O error) is answered with a tool error that
+says so, counted (mcp_appliance_storage_errors_total{reason}) and reported as the worker's
+condition "storage" (the worker's probe, then /health: degraded) until a write succeeds
+again; reads keep working.
 """
 
 import json
@@ -22,6 +27,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
+
+from appliance.conditions import PROCESS_CONDITIONS, Conditions
+from appliance.metrics import storage_errors
 
 DATA_DIR_ENV = "MCP_APPLIANCE_DATA_DIR"
 DEFAULT_DATA_DIR = Path("/var/lib/mcp-appliance")
@@ -162,20 +170,60 @@ def _write(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite rolls back by itself after some errors (a full disk at COMMIT): then there is nothing to undo.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+
+
+#: SQLite's primary result codes that mean the storage refused a write -> (label, what the caller reads).
+STORAGE_FAILURES = {
+    sqlite3.SQLITE_FULL: ("full", "storage full"),
+    sqlite3.SQLITE_READONLY: ("read_only", "storage read-only"),
+    sqlite3.SQLITE_IOERR: ("io_error", "storage I/O error"),
+    sqlite3.SQLITE_CANTOPEN: ("cannot_open", "storage cannot be opened"),
+}
+
+
+def storage_failure(exc: sqlite3.Error) -> tuple[str, str] | None:
+    """(label, words) when `exc` means the disk refused a write, else None (a bug, a lock timeout …)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return STORAGE_FAILURES.get(code & 0xFF) if isinstance(code, int) else None
 
 
 class NoteStore:
     """One lazily opened SQLite connection per process, serialized by a lock."""
 
-    def __init__(self, db_path_resolver: Callable[[], Path]) -> None:
+    def __init__(self, db_path_resolver: Callable[[], Path], conditions: Conditions = PROCESS_CONDITIONS) -> None:
         self._resolve = db_path_resolver
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._conditions = conditions
+        self._errors = storage_errors()
+        for label, _ in STORAGE_FAILURES.values():
+            self._errors.labels(label)  # exported at 0: a series that appears at 1 hides the first failure
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; a write the storage refuses becomes a tool error that says so, counted."""
+        try:
+            with self._db() as db, _write(db):
+                yield db
+        except sqlite3.Error as exc:
+            failure = storage_failure(exc)
+            if failure is None:
+                raise
+            label, words = failure
+            self._errors.labels(label).inc()
+            path = self._resolve()
+            self._conditions.set("storage", f"notes database {path} cannot be written: {words} ({exc}); "
+                                 "reads still work")
+            raise NoteError(f"{words}: the note was not saved, the notes database cannot be written ({exc}); "
+                            "reading notes still works") from None
+        self._conditions.clear("storage")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -205,7 +253,7 @@ class NoteStore:
     def add(self, title: str, body: str, tags: list[str]) -> Note:
         title, body, tags = _clean(title, body, tags)
         created = datetime.now(UTC).isoformat(timespec="seconds")
-        with self._db() as db, _write(db):
+        with self._writing() as db:
             cur = db.execute("INSERT INTO notes (title, body, tags, created_at) VALUES (?, ?, ?, ?)",
                              (title, body, json.dumps(tags), created))
         return Note(id=cur.lastrowid or 0, title=title, body=body, tags=tags, created_at=created)
@@ -216,7 +264,7 @@ class NoteStore:
         return _note(row) if row else None
 
     def delete(self, note_id: int) -> bool:
-        with self._db() as db, _write(db):
+        with self._writing() as db:
             return db.execute("DELETE FROM notes WHERE id = ?", (note_id,)).rowcount > 0
 
     def search(self, query: str, limit: int) -> list[SearchHit]:

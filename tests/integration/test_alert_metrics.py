@@ -174,7 +174,6 @@ def fill(directory: Path) -> None:
 
 # LEAD: the `audit` branch (issue 9 §2) makes the gate count failed audit writes; remove this
 # mark when it is merged. Until then the counter never moves and this test fails, as it should.
-@pytest.mark.xfail(strict=True, reason="mcp_appliance_audit_write_errors_total is counted once the audit branch lands")
 def test_audit_records_that_cannot_be_written_are_counted(make_appliance: Callable[..., Appliance]) -> None:
     app = make_appliance(1)
     audit = Path(app.settings["log_dir"]) / "audit"

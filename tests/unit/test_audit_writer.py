@@ -8,8 +8,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from appliance.conditions import Conditions
 from appliance.config import AuditSettings
-from appliance.gate.audit import AuditWriter, arguments_digest
+from appliance.gate.audit import RESERVE, AuditWriter, arguments_digest
+from tests.tmpfs import fill, remount, tmpfs
 
 
 def lines(directory: Path) -> list[dict[str, object]]:
@@ -62,3 +64,68 @@ def test_arguments_digest_is_of_canonical_json() -> None:
     assert arguments_digest({"b": 1, "a": "é"}) == arguments_digest({"a": "é", "b": 1})
     assert arguments_digest({"a": 1}) != arguments_digest({"a": 2})
     assert arguments_digest({"a": 1}).startswith("sha256:")
+
+
+def _counting(tmp_path: Path) -> tuple[AuditWriter, list[int], Conditions]:
+    failures: list[int] = []
+    conditions = Conditions()
+    writer = AuditWriter(tmp_path / "worker-00.jsonl", AuditSettings(fsync="none"),
+                         on_failure=lambda: failures.append(1), conditions=conditions, refuse=True)
+    return writer, failures, conditions
+
+
+def test_a_full_disk_fails_the_writer_while_running_calls_still_have_room(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "audit", "256k") as audit:
+        writer, failures, conditions = _counting(audit)
+        assert writer.ready() and writer.reserved_to - writer.size == RESERVE
+        fill(audit, 8 * 1024)
+        written = 0
+        while writer.ready() and written < 10_000:  # records until the space cannot be renewed
+            writer.write({"n": written, "pad": "x" * 200})
+            written += 1
+        assert not writer.ready() and failures and writer.failure
+        assert any("cannot be written" in r for r in conditions.reasons())
+        # Calls that passed ready() before the failure still get their records: the reserve holds them.
+        for n in range(RESERVE // 2 // 300):
+            writer.write({"late": n, "pad": "x" * 200})
+        writer.close()
+        records = [json.loads(line) for line in (audit / "worker-00.jsonl").read_text().splitlines()]
+        assert len(records) == written + RESERVE // 2 // 300
+
+
+def test_the_writer_recovers_by_itself_once_space_is_freed(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "audit", "256k") as audit:
+        writer, failures, conditions = _counting(audit)
+        ballast = fill(audit, 8 * 1024)
+        while writer.ready():
+            writer.write({"pad": "x" * 200})
+        counted = len(failures)
+        assert not writer.ready() and len(failures) > counted  # every retry that fails is counted
+        ballast.unlink()
+        assert writer.ready() and writer.failure is None and conditions.reasons() == []
+        writer.write({"after": True})
+        writer.close()
+        assert json.loads((audit / "worker-00.jsonl").read_text().splitlines()[-1]) == {"after": True}
+
+
+def test_a_read_only_directory_at_start_fails_the_writer_until_it_is_writable(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "audit", "256k") as audit:
+        remount(audit, "ro")
+        writer, failures, conditions = _counting(audit)
+        assert writer.failure and not writer.ready() and len(failures) == 2
+        writer.write({"lost": True})  # logged with the record, counted
+        assert len(failures) == 3 and "Read-only" in conditions.reasons()[0]
+        remount(audit, "rw")
+        assert writer.ready()
+        writer.write({"kept": True})
+        writer.close()
+        assert [json.loads(line) for line in (audit / "worker-00.jsonl").read_text().splitlines()] == [{"kept": True}]
+
+
+def test_a_rotated_file_gives_back_its_reserved_space(tmp_path: Path) -> None:
+    writer = AuditWriter(tmp_path / "worker-00.jsonl", AuditSettings(max_bytes=4096, backups=3, fsync="none"))
+    for n in range(100):
+        writer.write({"n": n, "pad": "x" * 40})
+    writer.close()
+    rotated = tmp_path / "worker-00.jsonl.1"
+    assert rotated.stat().st_blocks * 512 < RESERVE  # only its records, not the space reserved ahead

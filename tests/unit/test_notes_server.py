@@ -13,8 +13,10 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, LoggingMessageNotificationParams, TextResourceContents
 
+from appliance.conditions import PROCESS_CONDITIONS
 from appliance.servers import notes
 from appliance.servers.notes import create_server
+from tests.tmpfs import fill, tmpfs
 
 pytestmark = pytest.mark.anyio
 
@@ -281,3 +283,23 @@ async def test_explicit_path_resolver_overrides_the_environment(tmp_path: Path) 
     async with Client(create_server(lambda: db)) as client:
         await ok(client, "add_note", {"title": "t", "body": "b"})
     assert db.exists()
+
+
+async def test_a_full_disk_makes_add_note_say_storage_full_and_reads_keep_working(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    with tmpfs(tmp_path / "data", "1m") as data:
+        monkeypatch.setenv("MCP_APPLIANCE_DATA_DIR", str(data))
+        async with Client(create_server()) as client:
+            kept = await ok(client, "add_note", {"title": "kept", "body": "written before the disk filled"})
+            ballast = fill(data, 64 * 1024)
+            for n in range(50):  # 50 x 20 KB is far more than the space left
+                result = await client.call_tool("add_note", {"title": f"filler {n}", "body": "x" * 20_000})
+                if result.is_error:
+                    break
+            assert "storage full" in error_text(result) and "reading notes still works" in error_text(result)
+            assert any("notes database" in r and "storage full" in r for r in PROCESS_CONDITIONS.reasons())
+            assert (await ok(client, "get_note", {"id": kept["id"]}))["title"] == "kept"
+            ballast.unlink()
+            await ok(client, "add_note", {"title": "after", "body": "space again"})
+            assert not any("notes database" in r for r in PROCESS_CONDITIONS.reasons())
+
