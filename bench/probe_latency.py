@@ -18,17 +18,14 @@ import argparse
 import re
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.harness starts appliances the way the tests do
-
-from tests.harness import Appliance, new_appliance, running  # noqa: E402
-from tests.integration.flood import paced_gets, time_probes  # noqa: E402
+# Run from the repository root (python -m bench.probe_latency): tests.harness starts
+# appliances the way the tests do.
+from tests.harness import Appliance, new_appliance, running
+from tests.integration.flood import paced_gets, time_probes
 
 
 def wrk_flood(url: str, seconds: float, connections: int = 64) -> tuple[float, int]:

@@ -172,8 +172,6 @@ def fill(directory: Path) -> None:
             return
 
 
-# LEAD: the `audit` branch (issue 9 §2) makes the gate count failed audit writes; remove this
-# mark when it is merged. Until then the counter never moves and this test fails, as it should.
 def test_audit_records_that_cannot_be_written_are_counted(make_appliance: Callable[..., Appliance]) -> None:
     app = make_appliance(1)
     audit = Path(app.settings["log_dir"]) / "audit"

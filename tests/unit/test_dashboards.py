@@ -48,6 +48,8 @@ MOVED_BY = {
         "tests/integration/test_alert_metrics.py::test_workers_ready_falls_to_zero_when_the_only_worker_stops_answering",
     "mcp_appliance_audit_write_errors_total":
         "tests/integration/test_alert_metrics.py::test_audit_records_that_cannot_be_written_are_counted",
+    "mcp_appliance_storage_errors_total":
+        "tests/integration/test_full_disk.py::test_a_full_data_disk_makes_add_note_say_storage_full_while_reads_work",
     "mcp_appliance_security_violations_total":
         "tests/integration/test_metrics.py::test_requests_tools_authz_and_violations_are_counted_by_label",
 }
