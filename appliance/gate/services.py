@@ -15,6 +15,7 @@ from appliance import keys
 from appliance.config import ConfigError, Settings
 from appliance.gate.audit import AuditRecorder, AuditWriter, audit_dir
 from appliance.gate.auth import Authenticator, load_authenticator
+from appliance.gate.buckets import BucketsUnavailable, SharedBuckets, buckets_path
 from appliance.gate.metrics import RequestMetrics
 from appliance.gate.outcome import Sink
 from appliance.gate.policy import Policy
@@ -29,6 +30,8 @@ class GateServices:
     policy: Policy
     metrics: GateMetrics
     audit: AuditWriter | None
+    #: The shared per-principal rate table; None only when limits.rate is 0.
+    buckets: SharedBuckets | None = None
 
     def sinks(self, index: int, raw_arguments: bool) -> list[Sink]:
         """Where a finished request's record goes: the audit trail (when on), then the metrics."""
@@ -49,7 +52,19 @@ def gate_services(settings: Settings, index: int) -> GateServices:
         policy=Policy(settings.policy),
         metrics=GateMetrics(index),
         audit=audit,
+        buckets=open_buckets(settings),
     )
+
+
+def open_buckets(settings: Settings) -> SharedBuckets | None:
+    """The workers' shared rate table under run_dir (None when limits.rate is 0); ConfigError when unusable."""
+    lim = settings.limits
+    if not lim.rate:
+        return None
+    try:
+        return SharedBuckets(buckets_path(settings.run_dir), lim.rate, lim.burst, lim.zone_mb)
+    except BucketsUnavailable as exc:
+        raise ConfigError(f"'limits.rate' = {lim.rate}: the shared rate table cannot be used: {exc}") from None
 
 
 def check_gate(settings: Settings) -> None:
