@@ -104,7 +104,7 @@ class McpSettings:
     max_sessions: int = 10000
     #: Open legacy sessions per worker that one principal (with auth.mode "none": one client
     #: address) may hold; beyond it its new session gets 429, and other callers still get theirs.
-    #: Above mcp.max_sessions it changes nothing.
+    #: Clients in limits.exempt are not held to it. Above mcp.max_sessions it changes nothing.
     max_sessions_per_principal: int = 1000
     #: Body limit enforced inside the worker (nginx enforces http.max_body_bytes first).
     max_body_bytes: int = 4 * 1024 * 1024

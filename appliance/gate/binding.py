@@ -5,7 +5,8 @@ app, so it records the owner of every session id the app issues (in the worker's
 `SessionRegistry`, gate/registry.py) and checks it on use. An unknown id is answered
 404, exactly like an expired one. A new session (an `initialize` without a session id)
 is refused while the worker is full (`mcp.max_sessions`: 503) or while its principal
-holds its share (`mcp.max_sessions_per_principal`: 429), so no caller can take every slot.
+holds its share (`mcp.max_sessions_per_principal`: 429; not for limits.exempt clients),
+so no caller can take every slot.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.gate.exchange import exchange, flag
 from appliance.gate.jsonrpc import send_rpc_error
-from appliance.gate.limits import LIMITED, limit_key
+from appliance.gate.limits import LIMITED, is_exempt, limit_key
 from appliance.gate.registry import SessionRegistry
 from appliance.gate.requests import session_id
 from appliance.gate.responses import INVALID_REQUEST
@@ -80,7 +81,7 @@ class SessionBinding:
         key = limit_key(ex, self.by_address)
         opens = ex.rpc is not None and ex.rpc.method == "initialize"
         if opens:
-            refusal = self.registry.reserve(key)
+            refusal = self.registry.reserve(key, capped=not is_exempt(scope))
             if refusal is not None:
                 await self._refuse(scope, send, refusal)
                 return

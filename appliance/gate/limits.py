@@ -28,7 +28,7 @@ def limit_key(ex: Exchange, by_address: bool) -> bytes:
     if by_address or ex.principal is None:
         return b"a:" + (ex.client or "unknown").encode("latin-1", "replace")
     issuer, name = ex.principal.identity
-    return b"p:" + issuer.encode() + b"\0" + name.encode()
+    return b"p:" + issuer.encode("utf-8", "surrogatepass") + b"\0" + name.encode("utf-8", "surrogatepass")
 
 
 def is_exempt(scope: Scope) -> bool:

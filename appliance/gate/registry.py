@@ -46,6 +46,7 @@ class SessionRegistry:
         self.opened = 0
         self.interval = min(SWEEP_EVERY, max(idle_timeout / 4, 0.2))
         self.timer: asyncio.TimerHandle | None = None
+        self.capped_sweep = 0.0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -53,14 +54,17 @@ class SessionRegistry:
     def get(self, sid: bytes) -> Entry | None:
         return self.entries.get(sid)
 
-    def reserve(self, key: bytes) -> str | None:
-        """Hold a place for a session `key` is about to open: None, or which cap refuses it."""
+    def reserve(self, key: bytes, capped: bool = True) -> str | None:
+        """Hold a place for a session `key` is about to open: None, or which cap refuses it.
+
+        `capped` False (an exempt client): only the worker's own cap applies.
+        """
         if len(self.entries) + self.pending >= self.max_sessions:
-            self.sweep()
+            self._sweep_at_cap()
             if len(self.entries) + self.pending >= self.max_sessions:
                 return "sessions"
-        if self.per_key.get(key, 0) >= self.max_per_key:
-            self.sweep()
+        if capped and self.per_key.get(key, 0) >= self.max_per_key:
+            self._sweep_at_cap()
             if self.per_key.get(key, 0) >= self.max_per_key:
                 return "principal_sessions"
         self.pending += 1
@@ -98,6 +102,13 @@ class SessionRegistry:
             self._uncount(self.entries.pop(sid).key)
         if expired:
             self.on_change(len(self.entries))
+
+    def _sweep_at_cap(self) -> None:
+        # At most once a second: a caller retrying at its cap must not make every attempt walk the table.
+        now = time.monotonic()
+        if now - self.capped_sweep >= 1.0:
+            self.capped_sweep = now
+            self.sweep(now)
 
     def _uncount(self, key: bytes) -> None:
         left = self.per_key.get(key, 0) - 1

@@ -149,7 +149,8 @@ IDLE = 3
 
 @pytest.fixture(scope="module")
 def sessions() -> Iterator[tuple[Appliance, dict[str, str]]]:
-    app = new_appliance(1, auth={"mode": "api_keys"},
+    # Nothing exempt: the test's clients on loopback are held to the caps like any other.
+    app = new_appliance(1, auth={"mode": "api_keys"}, limits={"exempt": []},
                         mcp={"max_sessions_per_principal": PER_PRINCIPAL, "session_idle_timeout": IDLE})
     try:
         app.settings["auth"]["keys_file"] = str(app.base / "keys.json")
