@@ -19,7 +19,7 @@ from mcp import MCPError
 
 from tests.harness import Appliance, cleanup, http as http_request, new_appliance, wait_until
 from tests.integration.clients import LEGACY_VERSION, mcp_client, modern_request, probes
-from tests.integration.gatekit import add_key, write_config
+from tests.integration.gatekit import add_key, audit_records, write_config
 from tests.integration.test_metrics import scrape, total
 
 pytestmark = pytest.mark.integration
@@ -55,6 +55,12 @@ def post(app: Appliance, headers: dict[str, str], source: str = "127.0.0.1",
 def allowed_at_most(started: float, extra: int = 1) -> int:
     """What one bucket of RATE/s and BURST lets through since `started` (one more for rounding)."""
     return BURST + 1 + int((time.monotonic() - started) * RATE) + extra
+
+
+def records_of(app: Appliance, request_ids: list[str]) -> list[dict[str, Any]] | None:
+    """The audit records of these requests, once there is one for each."""
+    found = [r for r in audit_records(app) if r["request_id"] in set(request_ids)]
+    return found if len(found) == len(request_ids) else None
 
 
 def limited(samples: dict[Any, float], limit: str) -> float:
@@ -110,9 +116,11 @@ def test_a_valid_key_in_any_spelling_gets_one_share_across_workers(keyed: Any) -
     forms = spellings(keys["alice"])
     started = time.monotonic()
     answers = []
+    request_ids = []
     for k in range(35):
         # A fresh client address each time: only the principal's own bucket can refuse it.
-        headers = {**forms[k % len(forms)], "X-Forwarded-For": f"198.51.100.{k + 1}"}
+        request_ids.append(secrets.token_hex(16))
+        headers = {**forms[k % len(forms)], "X-Forwarded-For": f"198.51.100.{k + 1}", "X-Request-ID": request_ids[-1]}
         answers.append(post(app, headers))
     statuses = [a[0] for a in answers]
     assert set(statuses) <= {200, 429}, statuses
@@ -122,6 +130,9 @@ def test_a_valid_key_in_any_spelling_gets_one_share_across_workers(keyed: Any) -
     assert body["jsonrpc"] == "2.0" and body["error"]["message"].startswith("Too many requests")
     wait_until(lambda: limited(scrape(app), "principal") >= before + statuses.count(429), 10,
                "the workers' 429s counted as limit=principal")
+    # Both workers answered: the share is one for the host, not one per worker.
+    records = wait_until(lambda: records_of(app, request_ids), 10, "an audit record per request")
+    assert {r["worker"] for r in records} == {0, 1}
 
 
 def test_one_principal_over_its_share_does_not_starve_another(keyed: Any) -> None:
