@@ -53,7 +53,10 @@ class HttpSettings:
     #: Connections each nginx worker process may hold (clients plus upstreams).
     worker_connections: int = 4096
     #: Load balancers / proxies (CIDR) whose X-Forwarded-For nginx believes: the real client
-    #: address then drives per-client limits and audit records. Empty: trust nobody.
+    #: address then drives per-address limits and audit records. Empty: trust nobody. List only
+    #: the proxies themselves (your load balancer, your Ingress controller's pods), never a network
+    #: where clients live: any host in it can name any client address (limits, audit trail).
+    #: limits.exempt and the internal endpoints look at the connecting address, not this one.
     trusted_proxies: tuple[str, ...] = ()
 
 
@@ -100,6 +103,10 @@ class McpSettings:
     session_idle_timeout: int = 1800
     #: Open legacy sessions per worker; beyond it a new session gets 503.
     max_sessions: int = 10000
+    #: Open legacy sessions per worker that one principal (with auth.mode "none": one client
+    #: address) may hold; beyond it its new session gets 429, and other callers still get theirs.
+    #: Clients in limits.exempt are not held to it. Above mcp.max_sessions it changes nothing.
+    max_sessions_per_principal: int = 1000
     #: Body limit enforced inside the worker (nginx enforces http.max_body_bytes first).
     max_body_bytes: int = 4 * 1024 * 1024
     #: Host header values allowed (DNS-rebinding protection); "*" allows any,
@@ -226,19 +233,25 @@ def audit_refuses(settings: Settings) -> bool:
 
 @dataclass(frozen=True)
 class LimitsSettings:
-    """Limits nginx applies at the edge, before a request reaches a worker."""
+    """Request limits: per client address in nginx (every request), per verified principal in the workers."""
 
-    #: Requests per second per credential (per client address for requests without one); 0: no limit.
+    #: Requests per second per verified principal, shared by all workers of the host, however its
+    #: credential is spelled (auth.mode "none": per client address); checked after authentication,
+    #: so it cannot be dodged with made-up credentials; 0: no limit.
     rate: int = 100
     #: Requests above the rate accepted at once before 429.
     burst: int = 200
-    #: Requests per second per client address whatever credentials it sends; 0: no limit.
-    address_rate: int = 0
+    #: Requests per second per client address, whatever headers they carry (bad credentials too),
+    #: counted by nginx before a worker is bothered; 0: no limit. Keep it above `rate`, and above
+    #: what the clients behind one NAT or untrusted proxy send together.
+    address_rate: int = 200
     #: Requests above address_rate accepted at once before 429.
     address_burst: int = 400
     #: Concurrent connections per client address (open SSE streams count); 0: no limit.
     connections: int = 256
-    #: Client networks (CIDR) no limit applies to; the host itself by default.
+    #: Networks (CIDR) no limit applies to, the host itself by default. Both the connecting address
+    #: and the client address must be in them: a client behind a trusted proxy is never exempt
+    #: because of the proxy's address, nor because of what X-Forwarded-For says.
     exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     #: Retry-After of a 429 answer, in seconds.
     retry_after: int = 1
@@ -248,7 +261,8 @@ class LimitsSettings:
     client_header_timeout: int = 10
     #: Seconds nginx waits between two reads of a request body.
     client_body_timeout: int = 30
-    #: Shared memory of each limit table, in MiB (about 8,000 clients per MiB).
+    #: Size of each limit table, in MiB: nginx's per-address tables (about 8,000 clients per MiB) and
+    #: the workers' shared per-principal table (<run_dir>/limits.buckets, 32,768 callers per MiB).
     zone_mb: int = 10
 
 
@@ -534,7 +548,7 @@ def validate(settings: Settings) -> None:
     need(m.path.startswith("/") and " " not in m.path and m.path != "/", "mcp.path", m.path, "an absolute URL path such as /mcp")
     need(not m.path.startswith(("/health", "/admin", "/metrics", "/config", "/_appliance")), "mcp.path", m.path,
          "a path not used by the appliance itself")
-    for key in ("session_idle_timeout", "max_sessions", "max_body_bytes"):
+    for key in ("session_idle_timeout", "max_sessions", "max_sessions_per_principal", "max_body_bytes"):
         value = getattr(m, key)
         need(value > 0, f"mcp.{key}", value, "a positive integer")
     need(1 <= settings.health.min_ready_workers <= w.count, "health.min_ready_workers",

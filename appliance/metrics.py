@@ -37,6 +37,12 @@ KNOWN_METHODS = frozenset({
     "completion/complete", "logging/setLevel", "notifications/initialized", "notifications/cancelled",
     "notifications/progress", "notifications/roots/list_changed", "batch", "response",
 })
+#: One metric for every refusal by a limit, whichever process refused (nginx's through the admin app).
+LIMITED_HELP = ("Requests refused by a limit, by limit: request and connection (nginx, per client address), "
+                "principal and client (the workers' shared rate per verified principal, or per address without one), "
+                "principal_sessions and sessions (legacy session caps), limiter_error (the shared table unusable)")
+#: The workers' limits, all exported from the start.
+GATE_LIMITS = ("principal", "client", "principal_sessions", "sessions", "limiter_error")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Distinct tool label values one process reports before it folds the rest into "other".
 MAX_TOOL_LABELS = 200
@@ -87,6 +93,8 @@ class GateMetrics:
         self.sessions = Gauge("mcp_appliance_sessions_open", "Legacy MCP sessions open per worker", ["worker"],
                               multiprocess_mode="livesum", registry=registry)
         self.audit_errors = audit_write_errors(registry)
+        self.limited = Counter("mcp_appliance_rate_limited", LIMITED_HELP, ["limit"], registry=registry)
+        self._limited = {limit: self.limited.labels(limit) for limit in GATE_LIMITS}
         for kind in VIOLATIONS:
             self.violations.labels(kind)
         for decision, reason in (("allowed", "authenticated"), ("denied", "bad_credential"), ("denied", "missing_scope")):
@@ -107,6 +115,10 @@ class GateMetrics:
 
     def sessions_changed(self, count: int) -> None:
         self.sessions.labels(self.worker).set(count)
+
+    def refused(self, limit: str) -> None:
+        """Count a request a worker refused by a limit (one of GATE_LIMITS)."""
+        self._limited[limit].inc()
 
 
 class ProcessEvents:
@@ -138,8 +150,7 @@ class EdgeEvents(asyncio.DatagramProtocol):
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.limited = Counter("mcp_appliance_rate_limited", "Requests nginx refused with 429, by limit "
-                               "(request rate or connections)", ["limit"], registry=registry)
+        self.limited = Counter("mcp_appliance_rate_limited", LIMITED_HELP, ["limit"], registry=registry)
         self.errors = Counter("mcp_appliance_http_errors", "5xx answers nginx sent to clients (from a worker or "
                               "its own: no worker, worker died), by status", ["status"], registry=registry)
         for limit in ("request", "connection"):

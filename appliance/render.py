@@ -133,7 +133,6 @@ def _gate_values(settings: Settings) -> dict[str, object]:
     tls = settings.tls
     return {
         "limits": settings.limits,
-        "api_key_variable": "$http_" + settings.auth.api_key_header.lower().replace("-", "_"),
         "edge_socket": edge_socket(settings.run_dir),
         "trusted_proxies": settings.http.trusted_proxies,
         "metrics_allow": settings.metrics.allow_from,

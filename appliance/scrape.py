@@ -258,11 +258,14 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     gate.tool_calls.labels("x", "ok").inc()
     gate.tool_latency.labels("x").observe(0.01)
     ProcessEvents(1, None, registry)
-    EdgeEvents(registry)
     storage_errors(registry).labels("full").inc()
+    # The admin app's own process: its rate-limit counter shares its name with the workers'.
+    edge = CollectorRegistry()
+    EdgeEvents(edge)
     settings = settings or Settings()
     stub = "Active connections: 1\nserver accepts handled requests\n 1 1 1\nReading: 0 Writing: 1 Waiting: 0\n"
     static = [*process_families([("admin", os.getpid())]), *nginx_families(stub), *appliance_families(settings, None, 0)]
     registry.register(_Families(static))  # type: ignore[arg-type]
     # *_created samples exist only in single-process mode; /metrics (multiprocess) has none.
-    return {s.name for family in registry.collect() for s in family.samples if not s.name.endswith("_created")}
+    families = [*registry.collect(), *edge.collect()]
+    return {s.name for family in families for s in family.samples if not s.name.endswith("_created")}

@@ -15,12 +15,13 @@ from appliance.gate.binding import SessionBinding
 from appliance.gate.drain import Drain
 from appliance.gate.hosts import HostOriginCheck
 from appliance.gate.jsonrpc import JsonRpcBody
-from appliance.gate.limits import BodyLimit
+from appliance.gate.limits import BodyLimit, RateLimit
 from appliance.gate.outcome import Outcome
 from appliance.gate.policy import PolicyCheck
 from appliance.gate.probe import HealthProbe
+from appliance.gate.registry import SessionRegistry
 from appliance.gate.requests import RequestContext
-from appliance.gate.services import GateServices, gate_services
+from appliance.gate.services import GateServices, gate_services, open_buckets
 from appliance.gate.sessions import SessionOwnership
 from appliance.gate.stats import WorkerStats
 
@@ -30,6 +31,11 @@ def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats,
     """Wrap the hosted `app` for worker `index` (services: made from settings when not given)."""
     mcp = settings.mcp
     s = services or gate_services(settings, index)
+    buckets = s.buckets or open_buckets(settings)
+    # Without verified credentials, a caller is known only by its address.
+    by_address = settings.auth.mode == "none"
+    stats.sessions = SessionRegistry(mcp.session_idle_timeout, mcp.max_sessions, mcp.max_sessions_per_principal,
+                                     s.metrics.sessions_changed)
     layers = [
         lambda a: HealthProbe(a, stats),
         lambda a: RequestContext(a, stats),
@@ -39,11 +45,14 @@ def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats,
         lambda a: HostOriginCheck(a, mcp.allowed_hosts, mcp.allowed_origins),
         lambda a: BodyLimit(a, mcp.max_body_bytes),
         lambda a: Authenticate(a, s.authenticator, settings),
-        lambda a: SessionBinding(a, mcp.session_idle_timeout, mcp.max_sessions, s.metrics.sessions_changed),
-        # The body is read and parsed once, here, for the policy, the audit record and the metrics.
+        # Per verified principal, before any work is done for it.
+        *([lambda a: RateLimit(a, buckets, settings.limits.retry_after, by_address, s.metrics.refused)]
+          if buckets is not None else []),
+        # The body is read and parsed once, here, for the session caps, the policy, the audit record and the metrics.
         lambda a: JsonRpcBody(a, mcp.path),
+        lambda a: SessionBinding(a, stats.sessions, by_address, s.metrics.refused, settings.limits.retry_after),
         lambda a: PolicyCheck(a, s.policy),
-        lambda a: SessionOwnership(a, settings.node.ordinal, index, stats),
+        lambda a: SessionOwnership(a, settings.node.ordinal, index),
     ]
     if s.audit is not None and audit_refuses(settings):
         # Last, right before the hosted app: a call whose record would have no room never runs.

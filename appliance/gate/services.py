@@ -16,6 +16,7 @@ from appliance.conditions import PROCESS_CONDITIONS
 from appliance.config import ConfigError, Settings, audit_refuses
 from appliance.gate.audit import AuditRecorder, AuditWriter, audit_dir
 from appliance.gate.auth import Authenticator, load_authenticator
+from appliance.gate.buckets import BucketsUnavailable, SharedBuckets, buckets_path
 from appliance.gate.metrics import RequestMetrics
 from appliance.gate.outcome import Sink
 from appliance.gate.policy import Policy
@@ -31,6 +32,8 @@ class GateServices:
     policy: Policy
     metrics: GateMetrics
     audit: AuditWriter | None
+    #: The shared per-principal rate table; None only when limits.rate is 0.
+    buckets: SharedBuckets | None = None
 
     def sinks(self, index: int, raw_arguments: bool) -> list[Sink]:
         """Where a finished request's record goes: the audit trail (when on), then the metrics."""
@@ -55,7 +58,19 @@ def gate_services(settings: Settings, index: int) -> GateServices:
         policy=Policy(settings.policy, hosted_resources(settings.mcp.app)),
         metrics=metrics,
         audit=audit,
+        buckets=open_buckets(settings),
     )
+
+
+def open_buckets(settings: Settings) -> SharedBuckets | None:
+    """The workers' shared rate table under run_dir (None when limits.rate is 0); ConfigError when unusable."""
+    lim = settings.limits
+    if not lim.rate:
+        return None
+    try:
+        return SharedBuckets(buckets_path(settings.run_dir), lim.rate, lim.burst, lim.zone_mb)
+    except BucketsUnavailable as exc:
+        raise ConfigError(f"'limits.rate' = {lim.rate}: the shared rate table cannot be used: {exc}") from None
 
 
 def check_gate(settings: Settings) -> None:

@@ -12,7 +12,6 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.gate.responses import header, send_jsonrpc_error
-from appliance.gate.stats import WorkerStats
 
 SESSION_HEADER = b"mcp-session-id"
 _TAG = re.compile(r"^n(\d+)w(\d+)-")
@@ -32,10 +31,9 @@ def parse_owner(session_id: str) -> tuple[int, int] | None:
 class SessionOwnership:
     """Strips this worker's tag from incoming session ids and adds it to issued ones."""
 
-    def __init__(self, app: ASGIApp, node: int, worker: int, stats: WorkerStats) -> None:
+    def __init__(self, app: ASGIApp, node: int, worker: int) -> None:
         self.app = app
         self.prefix = owner_prefix(node, worker).encode()
-        self.stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,21 +49,15 @@ class SessionOwnership:
             scope["headers"] = [
                 (k, v[len(self.prefix) :] if k == SESSION_HEADER else v) for k, v in scope["headers"]
             ]
-        is_delete = scope["method"] == "DELETE"
 
         async def tagging_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status = message["status"]
                 out = []
                 for key, value in message.get("headers", []):
                     if key.lower() == SESSION_HEADER:
-                        if incoming is None and status < 400:
-                            self.stats.sessions_opened += 1
                         value = self.prefix + value
                     out.append((key, value))
                 message = {**message, "headers": out}
-                if is_delete and incoming is not None and status < 300:
-                    self.stats.sessions_closed += 1
             await send(message)
 
         await self.app(scope, receive, tagging_send)

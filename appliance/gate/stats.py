@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from appliance.conditions import PROCESS_CONDITIONS, Conditions
+from appliance.gate.registry import SessionRegistry
 
 
 @dataclass
@@ -19,8 +20,8 @@ class WorkerStats:
     started: float = field(default_factory=time.time)
     requests: int = 0
     in_flight: int = 0
-    sessions_opened: int = 0
-    sessions_closed: int = 0
+    #: The legacy sessions open on this worker (build_gate gives it the configured caps).
+    sessions: SessionRegistry = field(default_factory=SessionRegistry, repr=False)
     #: While draining, the probe says so and nginx-facing health treats the worker as not ready.
     draining: bool = False
     #: Set when draining starts (SIGUSR1 from an operation, or SIGTERM): open streams end.
@@ -43,8 +44,8 @@ class WorkerStats:
             "uptime": round(time.time() - self.started, 3),
             "requests": self.requests,
             "in_flight": self.in_flight,
-            "sessions_opened": self.sessions_opened,
-            "sessions_open": self.sessions_opened - self.sessions_closed,
+            "sessions_opened": self.sessions.opened,
+            "sessions_open": len(self.sessions),
         }
         if degraded:
             doc["degraded"] = degraded

@@ -224,3 +224,13 @@ def test_a_pods_rendered_nginx_conf_forwards_to_peers_by_name_and_passes_nginx_t
     result = subprocess.run([nginx, "-t", "-c", str(settings.run_dir / "nginx.conf"), "-p", f"{settings.run_dir}/nginx/",
                              "-e", "stderr"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_shipped_config_trusts_no_network_wholesale_and_exempts_only_the_pod() -> None:
+    import ipaddress
+
+    settings = load_settings(BASE / "appliance.toml", {}, hostname="mcp-appliance-0")
+    # A trusted range lets every host in it choose its client address (limits, audit trail).
+    assert all(ipaddress.ip_network(net, strict=False).num_addresses <= 256 for net in settings.http.trusted_proxies)
+    assert all(ipaddress.ip_network(net).is_loopback for net in settings.limits.exempt)
+    assert settings.limits.address_rate > 0 and settings.limits.rate > 0

@@ -340,7 +340,8 @@ def edge() -> Iterator[tuple[Appliance, Path]]:
         app.settings["tls"] = {"enabled": True, "port": tls_port, "cert_file": str(cert), "key_file": str(key),
                                "redirect_http": True, "hsts": True}
         app.settings["http"]["trusted_proxies"] = ["127.0.0.1/32"]
-        # Loopback stays exempt; a client behind the (loopback) proxy is limited to 1 request/s.
+        # Loopback stays exempt; a client behind the (loopback) proxy is limited to 1 request/s
+        # (auth.mode "none": the workers' share is per client address).
         app.settings["limits"] = {"rate": 1, "burst": 2, "retry_after": 3}
         yield start(app, 1), cert
     finally:
@@ -421,7 +422,7 @@ def test_rate_limit_answers_429_with_retry_after_and_is_counted(edge: Any) -> No
         with urllib.request.urlopen(tls_url(app, "/metrics"), context=ssl.create_default_context(cafile=str(cert)),
                                     timeout=10) as response:
             text = response.read().decode()
-        line = next(l for l in text.splitlines() if l.startswith('mcp_appliance_rate_limited_total{limit="request"}'))
+        line = next(l for l in text.splitlines() if l.startswith('mcp_appliance_rate_limited_total{limit="client"}'))
         return float(line.split()[-1])
 
     wait_until(lambda: counted() >= statuses.count(429), 10, "429s counted in /metrics")

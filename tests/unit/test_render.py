@@ -180,3 +180,25 @@ def test_root_render_drops_children_to_the_service_user(tmp_path: Path) -> None:
         assert all(p.uid is not None for p in groups[name].process_configs), name
     # The nginx master starts as root to bind low ports; its workers drop via `user`.
     assert groups["nginx"].process_configs[0].uid is None
+
+
+def test_by_default_every_mcp_request_counts_against_its_client_address(tmp_path: Path) -> None:
+    nginx = render(tmp_path, settings_for(tmp_path, 2))["nginx.conf"]
+    location = re.search(r"location = /mcp \{(.*?)\n        \}", nginx, re.S)
+    assert location is not None
+    limits = re.findall(r"limit_req zone=(\S+)", location[1])
+    assert limits == ["appliance_address"], limits
+    zone = re.search(r"limit_req_zone (\S+) zone=appliance_address:", nginx)
+    assert zone is not None and zone[1] == "$appliance_address_key"
+    # The key is the address or nothing (exempt): no header a client sends can change it.
+    key_map = re.search(r"map \$appliance_limit_exempt \$appliance_address_key \{(.*?)\}", nginx, re.S)
+    assert key_map is not None and "$http_" not in key_map[1] and "$binary_remote_addr" in key_map[1]
+
+
+def test_exemptions_and_the_status_page_look_at_the_connecting_address(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 2)
+    settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, trusted_proxies=("10.0.0.0/8",)))
+    nginx = render(tmp_path, settings)["nginx.conf"]
+    assert "geo $realip_remote_addr $appliance_peer_exempt" in nginx
+    status = re.search(r"location = /_appliance/nginx_status \{(.*?)\n        \}", nginx, re.S)
+    assert status is not None and "$appliance_from_host" in status[1] and "allow " not in status[1]
