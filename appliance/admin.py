@@ -125,6 +125,9 @@ def run_admin(settings: Settings) -> None:
     import asyncio
     import signal
 
+    from appliance.lifetime import STOP_MARGIN, die_with_supervisord, exit_after
+
+    die_with_supervisord(settings.run_dir, "admin")
     config = HypercornConfig()
     config.bind = [f"{settings.admin.host}:{settings.admin.port}"]
     config.accesslog = None
@@ -138,6 +141,11 @@ def run_admin(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+        async def stopped() -> None:
+            await stop.wait()
+            exit_after(config.graceful_timeout + STOP_MARGIN, "admin")  # also without supervisord
+
+        await serve(app, config, shutdown_trigger=stopped)  # type: ignore[arg-type]
 
     asyncio.run(main())

@@ -1,0 +1,126 @@
+"""How the appliance's processes end: never after supervisord, and all at once when it stops.
+
+supervisord does not take its children with it when it is killed (kill -9, the OOM
+killer, a crash): they are re-parented and keep their ports, so nginx still answers and
+the next start fails on a port clash. Each program therefore asks the kernel for a
+signal when its parent dies (prctl PR_SET_PDEATHSIG), as the first thing it does after
+supervisord exec'd it:
+
+- in the program, not in supervisord: the kernel clears the setting when a process
+  changes its credentials, and supervisord switches to the service user after the fork;
+  exec keeps it (our programs and nginx are not set-user-ID and have no file capabilities);
+- the signal follows the death of the parent *thread*; supervisord is single-threaded;
+- supervisord may have died between the fork and the prctl: the program then finds a
+  parent other than the supervisord of its run_dir and exits at once;
+- SIGTERM, not SIGKILL: every program stops within a bound on SIGTERM (a worker ends its
+  streams and in-flight requests within workers.graceful_timeout, see `exit_after`), and
+  the nginx master takes its own worker processes down (they get no signal of their own).
+
+supervisord stops one process group at a time, and every worker is its own group (see
+supervisord.conf.j2): with open streams, stops added up worker after worker. The event
+listener therefore sends SIGTERM to every worker the moment supervisord starts stopping
+(`terminate_workers`), so they drain side by side while nginx finishes its requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+
+logger = logging.getLogger("appliance.lifetime")
+
+_PR_SET_PDEATHSIG = 1
+
+#: Seconds past its own graceful timeout after which a stopping program exits regardless
+#: (below the 5 s by which supervisord's stopwaitsecs exceeds it, supervisord.conf.j2).
+STOP_MARGIN = 3.0
+
+#: Exit status of a program whose supervisord was gone before it could ask to die with it.
+ORPHANED = 75
+
+
+class LifetimeError(OSError):
+    """The kernel refused to tie this process's life to its parent's."""
+
+
+def supervisord_pidfile(run_dir: Path) -> Path:
+    """Where supervisord writes its pid (before it starts any program)."""
+    return run_dir / "supervisord.pid"
+
+
+def supervisord_pid(run_dir: Path) -> int | None:
+    """The pid supervisord of `run_dir` wrote, or None."""
+    try:
+        return int(supervisord_pidfile(run_dir).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send `sig` to this process when its parent (thread) dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise LifetimeError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+def die_with_supervisord(run_dir: Path, program: str, sig: int = signal.SIGTERM) -> None:
+    """Tie this program's life to the supervisord of `run_dir`; exit now if that is already gone.
+
+    Call it first thing in a program supervisord starts (after its user switch, see above).
+    """
+    die_with_parent(sig)
+    parent, expected = os.getppid(), supervisord_pid(run_dir)
+    # Checked after the prctl: a parent that dies from here on sends the signal.
+    if parent != expected:
+        print(f"mcp-appliance {program}: parent {parent} is not supervisord ({supervisord_pidfile(run_dir)}: "
+              f"{expected}); it died, or this program was not started by it: exiting", file=sys.stderr, flush=True)
+        os._exit(ORPHANED)
+
+
+def exit_after(seconds: float, program: str) -> threading.Timer:
+    """Exit the process in `seconds` whatever it is doing (a stop that hangs must not hold the host).
+
+    The bound that holds when no supervisord is left to send SIGKILL after stopwaitsecs.
+    """
+
+    def expire() -> None:
+        print(f"mcp-appliance {program}: still stopping after {seconds:.0f}s: exiting now", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def is_worker_command(cmdline: list[str]) -> bool:
+    """Whether a command line is an appliance worker's (`… worker --index K`)."""
+    return len(cmdline) >= 3 and cmdline[-3] == "worker" and cmdline[-2] == "--index" and cmdline[-1].isdigit()
+
+
+def terminate_workers(supervisord: int) -> list[int]:
+    """SIGTERM every worker child of `supervisord` at once; their pids.
+
+    Found as supervisord's children rather than asked for: a stopping supervisord refuses
+    XML-RPC calls (SHUTDOWN_STATE), and a worker still within startsecs is already serving.
+    """
+    sent = []
+    try:
+        children = psutil.Process(supervisord).children()
+    except psutil.Error:
+        return sent
+    for child in children:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if is_worker_command(child.cmdline()):
+                child.send_signal(signal.SIGTERM)
+                sent.append(child.pid)
+    return sent

@@ -1,0 +1,115 @@
+"""How an appliance ends: nothing outlives a killed supervisord, and open sessions do not hold a stop.
+
+Each test starts its own appliance (they kill or stop it). Processes "of an appliance"
+are found the way an operator would look for leftovers: every process on the host whose
+command line, working directory or environment names the appliance's directory, or that
+listens on one of its ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from tests.harness import Appliance, http, wait_until
+from tests.integration.clients import mcp_client
+
+pytestmark = pytest.mark.integration
+
+#: Legacy sessions left open (clients that never send DELETE), each with its GET stream.
+OPEN_SESSIONS = 8
+
+
+def ports(app: Appliance) -> set[int]:
+    """Every TCP port the appliance listens on: nginx, the admin app, each worker."""
+    workers = app.settings["workers"]
+    return {app.port, int(app.settings["admin"]["port"]),
+            *(int(workers["base_port"]) + k for k in range(int(workers["count"])))}
+
+
+def appliance_processes(app: Appliance) -> dict[int, str]:
+    """pid -> command line of every process that belongs to `app` (this test process excepted)."""
+    base = str(app.base)
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found: dict[int, str] = {}
+    with contextlib.suppress(psutil.AccessDenied):
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports(app) and conn.pid:
+                found[conn.pid] = ""
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd", "environ"]):
+        info = proc.info
+        cmdline = " ".join(info["cmdline"] or [])
+        if (base in cmdline or (info["cwd"] or "").startswith(base)
+                or any(base in value for value in (info["environ"] or {}).values()) or info["pid"] in found):
+            found[info["pid"]] = cmdline
+    return {pid: cmd for pid, cmd in found.items() if pid not in mine}
+
+
+def kill_leftovers(pids: Callable[[], dict[int, str]], started: set[int]) -> None:
+    """SIGKILL what is still alive of the processes this test started (by pid, checked again first)."""
+    for pid in set(pids()) & started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_nothing_of_the_appliance_outlives_a_kill_9_of_supervisord_and_the_ports_serve_again(make_appliance) -> None:
+    app = make_appliance(2)
+    app.start().wait_healthy(timeout=60, workers=2)
+    before = appliance_processes(app)
+    commands = list(before.values())
+    # The search finds every kind of process first, so an empty result after the kill means something.
+    for kind in ("worker --index 0", "worker --index 1", " admin", " events", "nginx: master", "nginx: worker"):
+        assert any(kind in c for c in commands), f"no {kind!r} process found among {commands}"
+    assert app.proc is not None
+    app.proc.kill()  # supervisord (`run` exec'd it), as the OOM killer would
+    app.proc.wait(10)
+    killed = time.monotonic()
+    try:
+        bound = float(app.settings["workers"]["graceful_timeout"]) + 10
+        wait_until(lambda: not appliance_processes(app), bound, "every process of the appliance gone", interval=0.1)
+    except TimeoutError as exc:
+        left = appliance_processes(app)
+        raise AssertionError(f"{exc}: left running: {left}") from None
+    finally:
+        kill_leftovers(lambda: appliance_processes(app), set(before))
+    print(f"\nno process left {time.monotonic() - killed:.1f}s after kill -9 of supervisord "
+          f"({len(before)} processes before)")
+    # The same ports serve again: nothing left behind holds one.
+    app.start().wait_healthy(timeout=60, workers=2)
+    status, _, _ = http("GET", app.url + "/health")
+    assert status == 200
+
+
+@pytest.mark.anyio
+async def test_a_stop_with_open_legacy_sessions_and_streams_ends_within_the_graceful_timeout(make_appliance) -> None:
+    app = make_appliance(2)
+    app.start().wait_healthy(timeout=60, workers=2)
+    graceful = float(app.settings["workers"]["graceful_timeout"])
+    assert app.proc is not None
+    async with contextlib.AsyncExitStack() as stack:
+        owners = set()
+        for _ in range(OPEN_SESSIONS):
+            client, wire = await stack.enter_async_context(mcp_client(app.mcp_url, "legacy"))
+            with anyio.fail_after(30):
+                await wire.get_stream_opened.wait()
+            await client.list_tools()
+            owners.add(wire.owner)
+        assert owners == {0, 1}, f"all sessions on worker(s) {owners}: the stop would not meet both"
+        started = time.monotonic()
+        app.proc.send_signal(signal.SIGTERM)  # what systemd, docker stop and deploy.sh local stop send
+        await anyio.to_thread.run_sync(app.proc.wait, graceful + 30)
+        took = time.monotonic() - started
+    print(f"\nstop with {OPEN_SESSIONS} open sessions and their GET streams took {took:.1f}s "
+          f"(workers.graceful_timeout = {graceful:.0f}s)")
+    log = (Path(app.settings["log_dir"]) / "supervisord.log").read_text()
+    # Every program ended by itself: supervisord never had to escalate to SIGKILL.
+    assert "SIGKILL" not in log, log[-3000:]
+    assert took < graceful + 5, f"stop took {took:.1f}s with {OPEN_SESSIONS} idle sessions open"
