@@ -125,14 +125,14 @@ def run_admin(settings: Settings) -> None:
     import asyncio
     import signal
 
-    from appliance.lifetime import STOP_MARGIN, die_with_supervisord, exit_after
+    from appliance.lifetime import STOP_MARGIN, die_with_supervisord
 
-    die_with_supervisord(settings.run_dir, "admin")
     config = HypercornConfig()
     config.bind = [f"{settings.admin.host}:{settings.admin.port}"]
     config.accesslog = None
     config.keep_alive_timeout = 75.0
     config.graceful_timeout = 5.0
+    die_with_supervisord(settings.run_dir, "admin", config.graceful_timeout + STOP_MARGIN)
     config.include_server_header = False
     app = create_admin_app(settings)
 
@@ -141,11 +141,6 @@ def run_admin(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-
-        async def stopped() -> None:
-            await stop.wait()
-            exit_after(config.graceful_timeout + STOP_MARGIN, "admin")  # also without supervisord
-
-        await serve(app, config, shutdown_trigger=stopped)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
     asyncio.run(main())

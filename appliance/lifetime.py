@@ -12,9 +12,10 @@ supervisord exec'd it:
 - the signal follows the death of the parent *thread*; supervisord is single-threaded;
 - supervisord may have died between the fork and the prctl: the program then finds a
   parent other than the supervisord of its run_dir and exits at once;
-- SIGTERM, not SIGKILL: every program stops within a bound on SIGTERM (a worker ends its
-  streams and in-flight requests within workers.graceful_timeout, see `exit_after`), and
-  the nginx master takes its own worker processes down (they get no signal of their own).
+- SIGTERM, not SIGKILL: a worker ends its streams and lets in-flight calls finish (and
+  leave their audit records) within workers.graceful_timeout; a thread ends it
+  STOP_MARGIN later whatever it is doing. The nginx master takes its own worker
+  processes down on SIGTERM (they get no signal of their own).
 
 supervisord stops one process group at a time, and every worker is its own group (see
 supervisord.conf.j2): with open streams, stops added up worker after worker. The event
@@ -26,22 +27,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
 
-logger = logging.getLogger("appliance.lifetime")
-
 _PR_SET_PDEATHSIG = 1
 
-#: Seconds past its own graceful timeout after which a stopping program exits regardless
-#: (below the 5 s by which supervisord's stopwaitsecs exceeds it, supervisord.conf.j2).
+#: Seconds past its graceful timeout after which a program whose supervisord died exits regardless.
 STOP_MARGIN = 3.0
+
+#: Seconds between two looks at the parent pid by the thread that enforces STOP_MARGIN.
+PARENT_POLL = 0.5
 
 #: Exit status of a program whose supervisord was gone before it could ask to die with it.
 ORPHANED = 75
@@ -72,34 +73,38 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         raise LifetimeError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
 
 
-def die_with_supervisord(run_dir: Path, program: str, sig: int = signal.SIGTERM) -> None:
+def die_with_supervisord(run_dir: Path, program: str, grace: float | None = None) -> None:
     """Tie this program's life to the supervisord of `run_dir`; exit now if that is already gone.
 
     Call it first thing in a program supervisord starts (after its user switch, see above).
+    With `grace`, the process also ends `grace` seconds after supervisord died whatever it
+    is doing: SIGTERM is handled by the event loop, which a blocking call can hold, and no
+    supervisord is left to send SIGKILL after stopwaitsecs.
     """
-    die_with_parent(sig)
+    die_with_parent(signal.SIGTERM)
     parent, expected = os.getppid(), supervisord_pid(run_dir)
     # Checked after the prctl: a parent that dies from here on sends the signal.
     if parent != expected:
-        print(f"mcp-appliance {program}: parent {parent} is not supervisord ({supervisord_pidfile(run_dir)}: "
-              f"{expected}); it died, or this program was not started by it: exiting", file=sys.stderr, flush=True)
-        os._exit(ORPHANED)
+        try:
+            print(f"mcp-appliance {program}: parent {parent} is not supervisord ({supervisord_pidfile(run_dir)}: "
+                  f"{expected}); it died, or this program was not started by it: exiting", file=sys.stderr, flush=True)
+        finally:
+            os._exit(ORPHANED)
+    if grace is not None:
+        threading.Thread(target=_end_after_parent, args=(parent, grace, program), name="parent-watch",
+                         daemon=True).start()
 
 
-def exit_after(seconds: float, program: str) -> threading.Timer:
-    """Exit the process in `seconds` whatever it is doing (a stop that hangs must not hold the host).
-
-    The bound that holds when no supervisord is left to send SIGKILL after stopwaitsecs.
-    """
-
-    def expire() -> None:
-        print(f"mcp-appliance {program}: still stopping after {seconds:.0f}s: exiting now", file=sys.stderr, flush=True)
+def _end_after_parent(parent: int, grace: float, program: str) -> None:
+    """In a thread: once `parent` is gone, give the process `grace` seconds, then end it."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    time.sleep(grace)
+    try:  # stderr was a pipe to supervisord: the write may fail, the exit must not
+        print(f"mcp-appliance {program}: supervisord died and this process still runs after {grace:.0f}s: exiting",
+              file=sys.stderr, flush=True)
+    finally:
         os._exit(1)
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    return timer
 
 
 def is_worker_command(cmdline: list[str]) -> bool:

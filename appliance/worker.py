@@ -17,7 +17,7 @@ from starlette.types import ASGIApp
 
 from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
-from appliance.lifetime import STOP_MARGIN, die_with_supervisord, exit_after
+from appliance.lifetime import STOP_MARGIN, die_with_supervisord
 from appliance.pool import worker_socket
 
 logger = logging.getLogger("appliance.worker")
@@ -89,7 +89,7 @@ def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
 
 def run_worker(settings: Settings, index: int) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight requests (bounded by graceful_timeout)."""
-    die_with_supervisord(settings.run_dir, f"worker-{index:02d}")
+    die_with_supervisord(settings.run_dir, f"worker-{index:02d}", settings.workers.graceful_timeout + STOP_MARGIN)
     stats = WorkerStats(index=index)
     app = build_gate(hosted_app(settings), settings, index, stats)
     config = hypercorn_config(settings, index)
@@ -108,8 +108,6 @@ def run_worker(settings: Settings, index: int) -> None:
 
         async def stopped() -> None:
             await stop.wait()
-            # The bound holds also when no supervisord is left to escalate (it died).
-            exit_after(config.graceful_timeout + STOP_MARGIN, f"worker-{index:02d}")
             stats.start_draining()
             logger.info("worker %d stopping: draining %d in-flight requests", index, stats.in_flight)
 

@@ -15,12 +15,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import threading
+
 import anyio
 import psutil
 import pytest
 
+from appliance.lifetime import STOP_MARGIN
 from tests.harness import Appliance, http, wait_until
-from tests.integration.clients import mcp_client
+from tests.integration.clients import mcp_client, modern_request
+from tests.integration.stalling_app import MARKER
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -60,28 +66,31 @@ def kill_leftovers(pids: Callable[[], dict[int, str]], started: set[int]) -> Non
             os.kill(pid, signal.SIGKILL)
 
 
-def test_nothing_of_the_appliance_outlives_a_kill_9_of_supervisord_and_the_ports_serve_again(make_appliance) -> None:
-    app = make_appliance(2)
-    app.start().wait_healthy(timeout=60, workers=2)
+def kill_supervisord_and_wait_for_nothing_left(app: Appliance, bound: float) -> float:
+    """kill -9 supervisord, as the OOM killer would; seconds until no process of `app` is left (at most `bound`)."""
     before = appliance_processes(app)
-    commands = list(before.values())
-    # The search finds every kind of process first, so an empty result after the kill means something.
-    for kind in ("worker --index 0", "worker --index 1", " admin", " events", "nginx: master", "nginx: worker"):
-        assert any(kind in c for c in commands), f"no {kind!r} process found among {commands}"
     assert app.proc is not None
-    app.proc.kill()  # supervisord (`run` exec'd it), as the OOM killer would
+    app.proc.kill()  # `run` exec'd supervisord: this is its pid
     app.proc.wait(10)
     killed = time.monotonic()
     try:
-        bound = float(app.settings["workers"]["graceful_timeout"]) + 10
         wait_until(lambda: not appliance_processes(app), bound, "every process of the appliance gone", interval=0.1)
     except TimeoutError as exc:
-        left = appliance_processes(app)
-        raise AssertionError(f"{exc}: left running: {left}") from None
+        raise AssertionError(f"{exc}: left running: {appliance_processes(app)}") from None
     finally:
         kill_leftovers(lambda: appliance_processes(app), set(before))
-    print(f"\nno process left {time.monotonic() - killed:.1f}s after kill -9 of supervisord "
-          f"({len(before)} processes before)")
+    return time.monotonic() - killed
+
+
+def test_nothing_of_the_appliance_outlives_a_kill_9_of_supervisord_and_the_ports_serve_again(make_appliance) -> None:
+    app = make_appliance(2)
+    app.start().wait_healthy(timeout=60, workers=2)
+    commands = list(appliance_processes(app).values())
+    # The search finds every kind of process first, so an empty result after the kill means something.
+    for kind in ("worker --index 0", "worker --index 1", " admin", " events", "nginx: master", "nginx: worker"):
+        assert any(kind in c for c in commands), f"no {kind!r} process found among {commands}"
+    took = kill_supervisord_and_wait_for_nothing_left(app, float(app.settings["workers"]["graceful_timeout"]) + 10)
+    print(f"\nno process left {took:.1f}s after kill -9 of supervisord ({len(commands)} processes before)")
     # The same ports serve again: nothing left behind holds one.
     app.start().wait_healthy(timeout=60, workers=2)
     status, _, _ = http("GET", app.url + "/health")
@@ -113,3 +122,21 @@ async def test_a_stop_with_open_legacy_sessions_and_streams_ends_within_the_grac
     # Every program ended by itself: supervisord never had to escalate to SIGKILL.
     assert "SIGKILL" not in log, log[-3000:]
     assert took < graceful + 5, f"stop took {took:.1f}s with {OPEN_SESSIONS} idle sessions open"
+
+
+def test_a_worker_stuck_in_a_blocking_call_still_ends_after_supervisord_is_killed(make_appliance) -> None:
+    """SIGTERM cannot reach a blocked event loop; the worker still ends graceful_timeout + STOP_MARGIN later."""
+    app = make_appliance(1, env={"PYTHONPATH": str(REPO)}, mcp={"app": "tests.integration.stalling_app:server"})
+    app.start().wait_healthy(timeout=60, workers=1)
+    headers, body = modern_request("tools/call", "stall", {"name": "stall", "arguments": {"seconds": 300}})
+
+    def call() -> None:  # never answered (its worker is blocked, then gone): a thread left to fail
+        with contextlib.suppress(OSError):
+            http("POST", app.mcp_url, body, headers, timeout=30)
+
+    threading.Thread(target=call, daemon=True).start()
+    marker = Path(app.settings["data_dir"]) / MARKER
+    wait_until(marker.exists, 30, "the stalling call started")
+    graceful = float(app.settings["workers"]["graceful_timeout"])
+    took = kill_supervisord_and_wait_for_nothing_left(app, graceful + STOP_MARGIN + 10)
+    print(f"\nno process left {took:.1f}s after kill -9 of supervisord with a worker blocked")
