@@ -140,3 +140,23 @@ def test_a_worker_stuck_in_a_blocking_call_still_ends_after_supervisord_is_kille
     graceful = float(app.settings["workers"]["graceful_timeout"])
     took = kill_supervisord_and_wait_for_nothing_left(app, graceful + STOP_MARGIN + 10)
     print(f"\nno process left {took:.1f}s after kill -9 of supervisord with a worker blocked")
+
+
+@pytest.mark.anyio
+async def test_a_reload_with_open_legacy_sessions_and_streams_never_waits_out_a_drain(make_appliance) -> None:
+    """Idle sessions and their GET streams let each worker go at once: no drain runs into its timeout."""
+    app = make_appliance(2)
+    app.start().wait_healthy(timeout=60, workers=2)
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(OPEN_SESSIONS):
+            client, wire = await stack.enter_async_context(mcp_client(app.mcp_url, "legacy"))
+            with anyio.fail_after(30):
+                await wire.get_stream_opened.wait()
+            await client.list_tools()
+        started = time.monotonic()
+        result = await anyio.to_thread.run_sync(lambda: app.command("reload", timeout=120))
+        took = time.monotonic() - started
+    print(f"\nreload of 2 workers with {OPEN_SESSIONS} open sessions took {took:.1f}s")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "restarted and back in nginx's pool" in result.stdout
+    assert "still busy after the drain timeout" not in result.stdout, result.stdout
