@@ -18,6 +18,7 @@ from pathlib import Path
 import threading
 
 import anyio
+import httpx2
 import psutil
 import pytest
 
@@ -122,6 +123,39 @@ async def test_a_stop_with_open_legacy_sessions_and_streams_ends_within_the_grac
     # Every program ended by itself: supervisord never had to escalate to SIGKILL.
     assert "SIGKILL" not in log, log[-3000:]
     assert took < graceful + 5, f"stop took {took:.1f}s with {OPEN_SESSIONS} idle sessions open"
+
+
+@pytest.mark.anyio
+async def test_open_listen_streams_do_not_hold_a_stop_until_the_graceful_timeout(make_appliance) -> None:
+    """2026-07-28 `subscriptions/listen` streams stay open until the client goes: a stop ends them at once."""
+    app = make_appliance(2)
+    app.settings["workers"]["graceful_timeout"] = graceful = 20  # the default: what a held stop would cost
+    app.start().wait_healthy(timeout=60, workers=2)
+    assert app.proc is not None
+    headers, body = modern_request("subscriptions/listen", None, {"notifications": {"toolsListChanged": True}})
+    acknowledged: list[int] = []
+
+    async def listen(client: httpx2.AsyncClient, n: int) -> None:
+        with contextlib.suppress(httpx2.HTTPError):  # the stream ends when the appliance stops
+            async with client.stream("POST", app.mcp_url, content=body, headers=headers) as response:
+                async for line in response.aiter_lines():
+                    if "notifications/subscriptions/acknowledged" in line:
+                        acknowledged.append(n)
+
+    async with httpx2.AsyncClient(trust_env=False, timeout=httpx2.Timeout(30, read=None)) as client:
+        async with anyio.create_task_group() as streams:
+            for n in range(OPEN_SESSIONS):
+                streams.start_soon(listen, client, n)
+            with anyio.fail_after(30):
+                while len(acknowledged) < OPEN_SESSIONS:
+                    await anyio.sleep(0.05)
+            started = time.monotonic()
+            app.proc.send_signal(signal.SIGTERM)
+            await anyio.to_thread.run_sync(app.proc.wait, graceful + 30)
+            took = time.monotonic() - started
+            streams.cancel_scope.cancel()
+    print(f"\nstop with {OPEN_SESSIONS} open listen streams took {took:.1f}s (workers.graceful_timeout = {graceful}s)")
+    assert took < graceful, f"{OPEN_SESSIONS} open listen streams held the stop for {took:.1f}s"
 
 
 def test_a_worker_stuck_in_a_blocking_call_still_ends_after_supervisord_is_killed(make_appliance) -> None:
