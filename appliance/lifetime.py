@@ -13,14 +13,18 @@ supervisord exec'd it:
 - supervisord may have died between the fork and the prctl: the program then finds a
   parent other than the supervisord of its run_dir and exits at once;
 - SIGTERM, not SIGKILL: a worker ends its streams and lets in-flight calls finish (and
-  leave their audit records) within workers.graceful_timeout; a thread ends it
-  STOP_MARGIN later whatever it is doing. The nginx master takes its own worker
-  processes down on SIGTERM (they get no signal of their own).
+  leave their audit records) within workers.graceful_timeout; once supervisord is gone a
+  thread ends it STOP_MARGIN later whatever it is doing (a blocked event loop never sees
+  the SIGTERM). The nginx master takes its own worker processes down on SIGTERM (they
+  get no signal of their own).
 
-supervisord stops one process group at a time, and every worker is its own group (see
-supervisord.conf.j2): with open streams, stops added up worker after worker. The event
-listener therefore sends SIGTERM to every worker the moment supervisord starts stopping
-(`terminate_workers`), so they drain side by side while nginx finishes its requests.
+A stop (SIGTERM to supervisord) is bounded for another reason: supervisord stops one
+process group at a time — nginx, then the admin app, then each worker, its own group
+(supervisord.conf.j2). nginx's graceful stop waited for the SSE streams the workers held
+open until supervisord killed it, then each worker's stop began after the one before.
+The event listener therefore sends SIGTERM to every worker the moment supervisord starts
+stopping (`terminate_workers`): they end their streams (gate/drain.py), which lets
+nginx's stop finish, and drain side by side.
 """
 
 from __future__ import annotations
