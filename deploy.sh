@@ -25,6 +25,13 @@ need() {
     }
 }
 
+running() {  # pid $1 exists and is not a zombie
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [ "${stat%% *}" != Z ]
+}
+
 [ $# -ge 2 ] || usage
 target=$1 verb=$2
 shift 2
@@ -60,10 +67,20 @@ case "$target $verb" in
             echo "deploy.sh: no $local_dir/appliance.pid: not started with './deploy.sh local start'" >&2
             exit 1
         }
-        # SIGTERM: supervisord stops nginx, the admin app and the workers gracefully.
-        kill -TERM "$(cat "$local_dir/appliance.pid")"
+        pid=$(cat "$local_dir/appliance.pid")
+        # SIGTERM: supervisord stops nginx, the admin app and the workers gracefully (within
+        # workers.graceful_timeout); wait for it, so the ports are free once this returns.
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 900); do
+            running "$pid" || break
+            sleep 0.1
+        done
         rm -f "$local_dir/appliance.pid"
-        echo "stopping mcp-appliance" ;;
+        if running "$pid"; then
+            echo "deploy.sh: mcp-appliance (pid $pid) is still stopping after 90 s" >&2
+            exit 1
+        fi
+        echo "stopped mcp-appliance (pid $pid)" ;;
     *)
         usage ;;
 esac

@@ -127,11 +127,14 @@ def run_admin(settings: Settings) -> None:
     import asyncio
     import signal
 
+    from appliance.lifetime import STOP_MARGIN, die_with_supervisord
+
     config = HypercornConfig()
     config.bind = [f"{settings.admin.host}:{settings.admin.port}"]
     config.accesslog = None
     config.keep_alive_timeout = 75.0
     config.graceful_timeout = 5.0
+    die_with_supervisord(settings.run_dir, "admin", config.graceful_timeout + STOP_MARGIN)
     config.include_server_header = False
     app = create_admin_app(settings)
 

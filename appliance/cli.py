@@ -156,10 +156,9 @@ def cmd_admin(settings: Settings, path: Path, args: argparse.Namespace) -> int:
 
 def cmd_events(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Internal: supervisord event listener."""
-    from appliance.events import listen
-    from appliance.metrics import ProcessEvents, multiproc_dir
+    from appliance.events import run_events
 
-    listen(settings.service_name, on_event=ProcessEvents(settings.workers.count, multiproc_dir(settings.run_dir)))
+    run_events(settings)
     return 0
 
 
@@ -195,7 +194,7 @@ def cmd_nginx(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Internal: nginx's master (started by supervisord), after a dead master's leftovers are gone."""
     from appliance.nginx_master import exec_nginx
 
-    exec_nginx(args.argv, settings.run_dir / "nginx.pid")
+    exec_nginx(args.argv, settings.run_dir)
     return 0  # not reached
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from appliance.lifetime import die_with_supervisord
+
 logger = logging.getLogger("appliance.nginx")
 
 #: Seconds orphaned workers get to finish their requests before they are killed.
@@ -60,9 +62,14 @@ def clear_orphans(pid_file: Path, grace: float = ORPHAN_GRACE) -> int:
     return len(orphans)
 
 
-def exec_nginx(argv: list[str], pid_file: Path) -> None:
-    """Clear a dead master's orphans, then replace this process with nginx `argv`."""
-    count = clear_orphans(pid_file)
+def exec_nginx(argv: list[str], run_dir: Path) -> None:
+    """Clear a dead master's orphans, then replace this process with nginx `argv`.
+
+    The master dies with supervisord (appliance/lifetime.py: the setting survives exec):
+    SIGTERM is nginx's fast shutdown, in which the master stops its worker processes too.
+    """
+    die_with_supervisord(run_dir, "nginx")
+    count = clear_orphans(run_dir / "nginx.pid")
     if count:
         logger.warning("stopped %d nginx workers left behind by a master that died", count)
     os.execv(argv[0], argv)

@@ -11,6 +11,7 @@ from pathlib import Path
 import jinja2
 
 from appliance import peers, pool
+from appliance.lifetime import supervisord_pidfile
 from appliance.config import Settings
 from appliance.metrics import edge_socket, multiproc_dir
 from appliance.gate.sessions import owner_prefix
@@ -98,6 +99,7 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "log_max_bytes": settings.log_max_bytes,
         "log_backups": settings.log_backups,
         "socket": socket_path(settings.run_dir),
+        "pidfile": supervisord_pidfile(settings.run_dir),
         "http": settings.http,
         "listen": _listen(settings.http.host, settings.http.port),
         "worker_upstreams": workers,

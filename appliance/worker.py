@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 
 from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
+from appliance.lifetime import STOP_MARGIN, die_with_supervisord
 from appliance.pool import worker_socket
 
 logger = logging.getLogger("appliance.worker")
@@ -88,6 +89,7 @@ def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
 
 def run_worker(settings: Settings, index: int) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight requests (bounded by graceful_timeout)."""
+    die_with_supervisord(settings.run_dir, f"worker-{index:02d}", settings.workers.graceful_timeout + STOP_MARGIN)
     stats = WorkerStats(index=index)
     app = build_gate(hosted_app(settings), settings, index, stats)
     config = hypercorn_config(settings, index)

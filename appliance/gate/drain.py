@@ -8,7 +8,8 @@ From then on the worker:
   that nginx sends it on a connection it already had: failing one would fail a client;
 - answers requests of its legacy sessions with 404, the spec's "session expired,
   re-initialize": the sessions end with this process anyway, and the clients move on now;
-- ends open GET streams, so they do not hold the worker until its graceful timeout;
+- ends open streams — GET streams and 2026-07-28 `subscriptions/listen` streams, once
+  their request body is in — so they do not hold the worker until its graceful timeout;
 - closes each connection after its response (`Connection: close`), so nginx stops reusing
   it. Idle connections are left for nginx to close (pool.UPSTREAM_IDLE_TIMEOUT): a worker
   that closed one could race with nginx sending a request on it, and nginx never re-sends
@@ -25,6 +26,8 @@ from appliance.gate.responses import header, send_jsonrpc_error
 from appliance.gate.stats import WorkerStats
 
 _CLOSE = (b"connection", b"close")
+#: A POST whose answer is a stream that stays open until the client goes (MCP 2026-07-28).
+_LISTEN = b"subscriptions/listen"
 
 
 class Drain:
@@ -48,15 +51,23 @@ class Drain:
                 message = {**message, "headers": [*headers, _CLOSE]}
             await send(message)
 
-        if scope["method"] == "GET":
-            receive = self._until_drained(receive)
+        if scope["method"] == "GET" or header(scope["headers"], b"mcp-method") == _LISTEN:
+            receive = self._until_drained(receive, body_read=scope["method"] == "GET")
         await self.app(scope, receive, closing_send)
 
-    def _until_drained(self, receive: Receive) -> Receive:
-        """`receive` that reports a client disconnect once the drain starts (ends an SSE stream)."""
+    def _until_drained(self, receive: Receive, body_read: bool) -> Receive:
+        """`receive` that reports a client disconnect once the drain starts (ends an SSE stream).
+
+        The request body comes through first (`body_read`: it is in already, as for a GET).
+        """
         drained = self.stats.drain_started
 
         async def drained_receive() -> Message:
+            nonlocal body_read
+            if not body_read:  # the app gets the whole request first, drain or not
+                message = await receive()
+                body_read = message["type"] != "http.request" or not message.get("more_body", False)
+                return message
             if drained.is_set():
                 return {"type": "http.disconnect"}
             incoming = asyncio.ensure_future(receive())

@@ -86,3 +86,40 @@ def test_an_open_stream_ends_when_the_drain_starts() -> None:
 
     sent = asyncio.run(main())
     assert sent[-1] == {"type": "http.response.body", "body": b""}
+
+
+def test_a_listen_stream_gets_its_request_then_ends_when_the_drain_starts() -> None:
+    """A 2026-07-28 subscriptions/listen POST stays open like a GET stream, so a drain ends it too."""
+    stats = WorkerStats(index=0)
+    listen = scope()
+    listen["headers"].append((b"mcp-method", b"subscriptions/listen"))
+    received: list[dict[str, Any]] = []
+
+    async def stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        received.append(await receive())  # the JSON-RPC request
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> None:
+        never = asyncio.Event()
+        bodies = [{"type": "http.request", "body": b'{"method":"subscriptions/listen"}', "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if bodies:
+                return bodies.pop()
+            await never.wait()  # the client stays
+            return {}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        task = asyncio.create_task(Drain(stream, stats)(listen, receive, send))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        stats.start_draining()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert received == [{"type": "http.request", "body": b'{"method":"subscriptions/listen"}', "more_body": False}]

@@ -14,6 +14,7 @@ from supervisor.options import ClientOptions, ServerOptions
 
 from appliance.config import McpSettings, NodeSettings, Settings, WorkersSettings
 from appliance.gate.sessions import owner_prefix
+from appliance.lifetime import STOP_MARGIN, supervisord_pidfile
 from appliance.pool import worker_socket
 from appliance.render import RenderContext, cli_command, render_all, write_files
 from appliance.supervisor import worker_program
@@ -85,7 +86,7 @@ def test_supervisord_conf_runs_one_worker_program_per_worker(tmp_path: Path, wor
     programs = sorted(s for s in parser.sections() if s.startswith(f"program:{worker_program(0)[:-2]}"))
     assert programs == [f"program:{worker_program(k)}" for k in range(workers)]
     assert [parser.get(p, "command").rsplit(" ", 1)[1] for p in programs] == [str(k) for k in range(workers)]
-    assert parser.get("eventlistener:events", "events") == "PROCESS_STATE"
+    assert parser.get("eventlistener:events", "events") == "PROCESS_STATE,SUPERVISOR_STATE_CHANGE_STOPPING"
     assert "daemon off;" in files["nginx.conf"]
 
 
@@ -202,3 +203,20 @@ def test_exemptions_and_the_status_page_look_at_the_connecting_address(tmp_path:
     assert "geo $realip_remote_addr $appliance_peer_exempt" in nginx
     status = re.search(r"location = /_appliance/nginx_status \{(.*?)\n        \}", nginx, re.S)
     assert status is not None and "$appliance_from_host" in status[1] and "allow " not in status[1]
+
+
+def test_every_program_ends_by_itself_before_supervisord_would_kill_it(tmp_path: Path) -> None:
+    """Workers exit at their own bound (graceful_timeout + STOP_MARGIN) before stopwaitsecs; nginx goes as a group."""
+    settings = settings_for(tmp_path, 2)
+    files = render(tmp_path, settings)
+    options = server_options(settings.run_dir / "supervisord.conf")
+    groups = {g.name: g.process_configs[0] for g in options.process_group_configs}
+    for k in range(2):
+        worker = groups[worker_program(k)]
+        assert worker.stopwaitsecs > settings.workers.graceful_timeout + STOP_MARGIN
+        assert worker.stopasgroup and worker.killasgroup
+    # A master killed at the bound takes its worker processes (its process group) along.
+    assert groups["nginx"].killasgroup
+    assert f"worker_shutdown_timeout {settings.workers.graceful_timeout}s;" in files["nginx.conf"]
+    # Each program checks its parent against the pid supervisord writes here (appliance/lifetime.py).
+    assert options.pidfile == str(supervisord_pidfile(settings.run_dir))
