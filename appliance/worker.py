@@ -18,6 +18,8 @@ from starlette.types import ASGIApp
 from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
 from appliance.pool import worker_socket
+from appliance.state import sealing
+from appliance.state.keys import read_ring
 
 logger = logging.getLogger("appliance.worker")
 
@@ -28,6 +30,8 @@ class HostedAppError(Exception):
 
 def import_target(spec: str) -> Any:
     """The object named by `module:attribute`."""
+    # Before the app's module builds its MCPServer: tells its per-process policy from its own.
+    sealing.track_per_process_policies()
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -46,6 +50,7 @@ def hosted_app(settings: Settings) -> ASGIApp:
     target = import_target(settings.mcp.app)
     mcp = settings.mcp
     if isinstance(target, MCPServer):
+        share_state(target, settings)
         return target.streamable_http_app(
             streamable_http_path=mcp.path,
             json_response=mcp.json_response,
@@ -62,6 +67,16 @@ def hosted_app(settings: Settings) -> ASGIApp:
     raise HostedAppError(
         f"mcp.app = {settings.mcp.app!r} is a {type(target).__name__}: expected an MCPServer or an ASGI app"
     )
+
+
+def share_state(server: MCPServer, settings: Settings) -> None:
+    """Give a hosted MCPServer what spans workers and hosts: the shared request-state ring."""
+    if not sealing.seals_per_process(server):
+        logger.info("%s keeps its own request_state_security", settings.mcp.app)
+        return
+    ring = read_ring(settings)
+    sealing.share_ring(server, ring.as_bytes(), float(settings.state.request_ttl))
+    logger.info("%s seals requestState with the shared ring (key ids %s)", settings.mcp.app, " ".join(ring.fingerprints()))
 
 
 def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:

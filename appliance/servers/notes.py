@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Annotated, TypedDict
 
 import anyio.to_thread
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve, Sample
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
-from mcp_types import ToolAnnotations
+from mcp_types import CreateMessageResult, SamplingMessage, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 DATA_DIR_ENV = "MCP_APPLIANCE_DATA_DIR"
@@ -349,7 +349,53 @@ def create_server(db_path_resolver: Callable[[], Path] | None = None) -> MCPServ
             "If the notes say nothing about the topic, say so plainly instead of guessing."
         )
 
+    _add_asking_tools(server, store)
     return server
+
+
+# -- Tools that ask the client (2026-07-28 multi-round-trip calls) ------------------------------
+# A resolver returns Elicit(...) or Sample(...): the first call answers with an
+# InputRequiredResult whose requestState the appliance's shared ring seals, and the client's
+# retry (which any worker, on any node, may receive) carries the answer.
+
+
+class SearchQuestion(BaseModel):
+    query: str = Field(description="Words to search the notes for")
+
+
+class Abstract(BaseModel):
+    id: int
+    abstract: str = Field(description="The client's model's one-paragraph abstract of the note")
+    model: str
+
+
+def _add_asking_tools(server: MCPServer, store: NoteStore) -> None:
+    read_only = ToolAnnotations(read_only_hint=True)
+
+    def ask_query(topic: str = "") -> Elicit[SearchQuestion]:
+        return Elicit(f"What should I search the notes for{' about ' + repr(topic) if topic else ''}?", SearchQuestion)
+
+    @server.tool(annotations=read_only)
+    def search_notes_asking(
+        question: Annotated[SearchQuestion, Resolve(ask_query)], topic: str = "",
+        limit: Annotated[int, Field(ge=1, le=100)] = 10,
+    ) -> list[SearchHit]:
+        """Ask the user what to search for (elicitation), then search the notes for it."""
+        return store.search(question.query, limit)
+
+    def ask_model(id: int) -> Sample:
+        note = store.get(id)
+        if note is None:
+            raise NoteError(f"note {id} not found")
+        text = f"Write a one-paragraph abstract of this note.\n\n{_markdown(note)}"
+        return Sample([SamplingMessage(role="user", content=TextContent(type="text", text=text))], max_tokens=300)
+
+    @server.tool(annotations=read_only)
+    def abstract_note(id: int, answer: Annotated[CreateMessageResult, Resolve(ask_model)]) -> Abstract:
+        """Ask the client's model (sampling) for a one-paragraph abstract of note `id`."""
+        content = answer.content
+        text = content.text if isinstance(content, TextContent) else ""
+        return Abstract(id=id, abstract=text, model=answer.model)
 
 
 server: MCPServer = create_server()
