@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,8 @@ from mcp import Client
 from mcp.server.request_state import AESGCMRequestStateCodec
 from mcp_types import CreateMessageResult, ElicitResult, TextContent
 
-from tests.harness import Appliance, http, new_appliance, running
+from appliance.preflight import find_nginx
+from tests.harness import Appliance, free_port_block, http, new_appliance, running, wait_until
 from tests.integration.clients import mcp_client, modern_request
 
 pytestmark = pytest.mark.integration
@@ -150,3 +155,105 @@ def test_the_shared_key_is_absent_from_config_logs_and_audit(three_workers: Appl
         assert [p for p, text in places.items() if secret in text] == []
     # What the workers do log is the key's fingerprint.
     assert any(re.search(r"seals requestState with the shared ring \(key ids [0-9a-f]{8}\)", text) for text in places.values())
+
+
+@pytest.mark.anyio
+async def test_key_rotation_under_load_fails_no_round() -> None:
+    with running(new_appliance(3, state={"request_ttl": 3})) as app:
+        note_id = await seed_note(app.mcp_url)
+        before = ring_secrets(app)
+        rotation: dict[str, Any] = {}
+
+        def rotate() -> None:
+            started = time.monotonic()
+            rotation["result"] = app.command("keys", "rotate-state", timeout=300)
+            rotation["seconds"] = time.monotonic() - started
+
+        completed, failures = 0, []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, rotate)
+            while "result" not in rotation:
+                done, failed = await asking_calls(app.mcp_url, note_id, calls=10)
+                completed += done
+                failures += failed
+        result = rotation["result"]
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert failures == []
+        assert completed >= 3 * 20  # load ran through all three phases
+        after = ring_secrets(app)
+        assert len(after) == 1 and after != before
+        for secret in before + after:
+            assert secret not in result.stdout + result.stderr
+        print(f"rotation: {rotation['seconds']:.1f}s with request_ttl 3s; {completed} asking calls during it, 0 failed")
+
+
+FRONT_NGINX = """
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    upstream nodes {{
+        server 127.0.0.1:{node0};
+        server 127.0.0.1:{node1};
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://nodes;
+            proxy_http_version 1.1;
+            proxy_set_header Host $host;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def round_robin_front(nodes: list[Appliance]) -> Iterator[str]:
+    """A real nginx on loopback sending each request to the next node in turn; yields its MCP URL."""
+    base = Path(tempfile.mkdtemp(prefix="mcp-appliance-front-", dir="/tmp"))
+    base.chmod(0o777)  # nginx's workers (nobody) write their temp files here
+    port = free_port_block(1)
+    (base / "nginx.conf").write_text(FRONT_NGINX.format(dir=base, port=port, node0=nodes[0].port, node1=nodes[1].port))
+    proc = subprocess.Popen([find_nginx(), "-p", str(base), "-c", str(base / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: http("GET", f"http://127.0.0.1:{port}/health")[0] == 200, 20, "front nginx serving")
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_retries_landing_on_the_other_node_complete() -> None:
+    shared = Path(tempfile.mkdtemp(prefix="mcp-appliance-ring-", dir="/tmp"))
+    shared.chmod(0o755)
+    ring = str(shared / "request-state.keys")
+    nodes = [new_appliance(2, node={"ordinal": k}, state={"keys_file": ring}) for k in range(2)]
+    peers = [f"127.0.0.1:{n.port}" for n in nodes]
+    for node in nodes:
+        node.settings["node"]["peers"] = peers
+    try:
+        with running(nodes[0]), running(nodes[1]), round_robin_front(nodes) as url:
+            # Each node has its own notes database (one host's SQLite): the same note on both.
+            note_id, again = [await seed_note(node.mcp_url) for node in nodes]
+            assert note_id == again
+            completed, failures = await asking_calls(url, note_id)
+            assert failures == []
+            assert completed == 2 * CALLS
+            for node in nodes:  # both nodes served rounds of the calls
+                assert sum(tool_rounds_by_worker(node, "abstract_note").values()) > 0
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
