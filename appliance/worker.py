@@ -19,6 +19,8 @@ from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
 from appliance.pool import worker_socket
 from appliance.state import sealing
+from appliance.state.events import WithBus, share_events
+from appliance.state.local_fanout import LocalFanout, events_dir
 from appliance.state.keys import read_ring
 
 logger = logging.getLogger("appliance.worker")
@@ -45,13 +47,15 @@ def import_target(spec: str) -> Any:
     return obj
 
 
-def hosted_app(settings: Settings) -> ASGIApp:
-    """The configured app as ASGI: an MCPServer gets a Streamable HTTP app built from settings."""
+def hosted_app(settings: Settings, index: int = 0) -> ASGIApp:
+    """The configured app as ASGI: an MCPServer gets a Streamable HTTP app built from settings,
+    sealing with the shared ring and publishing on the host's bus (worker `index`)."""
     target = import_target(settings.mcp.app)
     mcp = settings.mcp
     if isinstance(target, MCPServer):
         share_state(target, settings)
-        return target.streamable_http_app(
+        bus = share_events(target, LocalFanout(events_dir(settings.run_dir), index))
+        app = target.streamable_http_app(
             streamable_http_path=mcp.path,
             json_response=mcp.json_response,
             stateless_http=not mcp.sessions,
@@ -62,6 +66,7 @@ def hosted_app(settings: Settings) -> ASGIApp:
             # app; the SDK's own check would see nginx's view and answer 421.
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
+        return app if bus is None else WithBus(app, bus)
     if callable(target):
         return target  # type: ignore[no-any-return]
     raise HostedAppError(
@@ -104,7 +109,7 @@ def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
 def run_worker(settings: Settings, index: int) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight requests (bounded by graceful_timeout)."""
     stats = WorkerStats(index=index)
-    app = build_gate(hosted_app(settings), settings, index, stats)
+    app = build_gate(hosted_app(settings, index), settings, index, stats)
     config = hypercorn_config(settings, index)
     # Everything built so far (the SDK's and the hosted app's modules, models, schemas) lives
     # as long as the process: keep it out of the garbage collector's scans, which otherwise

@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import anyio.to_thread
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve, Sample
+from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp_types import CreateMessageResult, SamplingMessage, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
@@ -350,7 +352,44 @@ def create_server(db_path_resolver: Callable[[], Path] | None = None) -> MCPServ
         )
 
     _add_asking_tools(server, store)
+    _publish_changes(server)
     return server
+
+
+# -- Change events (2026-07-28 subscriptions/listen) --------------------------------------------
+# After a tool changed the notes: resources/updated for notes://{id} when a note is deleted
+# (readers of it refetch and find it gone), and resources/list_changed when the set of notes
+# changes (an add or a delete). Published on the server's bus, which the appliance fans out
+# to every worker; a middleware so the tools themselves stay plain storage calls.
+_CHANGES = {"add_note", "delete_note"}
+
+
+def _call_succeeded(result: object) -> dict[str, object] | None:
+    """The structured content of a successful tools/call result, else None."""
+    doc = result.model_dump(by_alias=True) if isinstance(result, BaseModel) else result
+    if not isinstance(doc, dict) or doc.get("isError"):
+        return None
+    content = doc.get("structuredContent")
+    return content if isinstance(content, dict) else {}
+
+
+def _publish_changes(server: MCPServer) -> None:
+    async def publish_changes(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        result = await call_next(ctx)
+        params = ctx.params or {}
+        if ctx.method != "tools/call" or params.get("name") not in _CHANGES:
+            return result
+        content = _call_succeeded(result)
+        if content is None:
+            return result
+        # The SDK has no public accessor for the bus its Context publishes on.
+        bus = server._subscriptions  # noqa: SLF001
+        if params["name"] == "delete_note" and isinstance(content.get("deleted"), int):
+            await bus.publish(ResourceUpdated(uri=f"notes://{content['deleted']}"))
+        await bus.publish(ResourcesListChanged())
+        return result
+
+    server.middleware.append(publish_changes)
 
 
 # -- Tools that ask the client (2026-07-28 multi-round-trip calls) ------------------------------

@@ -257,3 +257,30 @@ async def test_retries_landing_on_the_other_node_complete() -> None:
                 assert sum(tool_rounds_by_worker(node, "abstract_note").values()) > 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def worker_url(appliance: Appliance, index: int) -> str:
+    """Worker `index` itself (its loopback port, behind its own gate), bypassing nginx's choice."""
+    workers = appliance.settings["workers"]
+    return f"http://127.0.0.1:{int(workers['base_port']) + index}{appliance.settings.get('mcp', {}).get('path', '/mcp')}"
+
+
+@pytest.mark.anyio
+async def test_a_listen_stream_on_worker_0_hears_a_note_deleted_through_worker_2(three_workers: Appliance) -> None:
+    note_id = await seed_note(worker_url(three_workers, 2))
+    uri = f"notes://{note_id}"
+    async with mcp_client(worker_url(three_workers, 0), mode="2026-07-28") as (listener, _), \
+            mcp_client(worker_url(three_workers, 2), mode="2026-07-28") as (writer, _):
+        async with listener.listen(resource_subscriptions=[uri], resources_list_changed=True) as subscription:
+            deleted_at = time.monotonic()
+            result = await writer.call_tool("delete_note", {"id": note_id})
+            assert not result.is_error, result
+            kinds: list[str] = []
+            with anyio.fail_after(1.0):  # the bound the issue sets for delivery across workers
+                async for event in subscription:
+                    kinds.append(type(event).__name__)
+                    if getattr(event, "uri", None) == uri:
+                        break
+            latency = time.monotonic() - deleted_at
+    assert kinds[-1] == "ResourceUpdated"
+    print(f"resources/updated from worker 2 to a stream on worker 0 after {latency * 1000:.1f} ms")
