@@ -236,9 +236,10 @@ def _operate(settings: Settings, action: str, *args: int) -> int:
     from appliance.operations import OperationError, Operator
 
     progress = logging.getLogger("appliance.operations")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("mcp-appliance: %(message)s"))
-    progress.addHandler(handler)
+    if not progress.handlers:  # `keys rotate-state` operates three times in one process
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("mcp-appliance: %(message)s"))
+        progress.addHandler(handler)
     progress.setLevel(logging.INFO)
     operator = Operator(settings)
     try:
