@@ -20,7 +20,7 @@ from mcp.server.request_state import AESGCMRequestStateCodec
 from mcp_types import CreateMessageResult, ElicitResult, TextContent
 
 from appliance.preflight import find_nginx
-from tests.harness import Appliance, free_port_block, http, new_appliance, running, wait_until
+from tests.harness import Appliance, free_port_block, http, new_appliance, running, to_toml, wait_until
 from tests.integration.clients import mcp_client, modern_request
 
 pytestmark = pytest.mark.integration
@@ -284,3 +284,59 @@ async def test_a_listen_stream_on_worker_0_hears_a_note_deleted_through_worker_2
             latency = time.monotonic() - deleted_at
     assert kinds[-1] == "ResourceUpdated"
     print(f"resources/updated from worker 2 to a stream on worker 0 after {latency * 1000:.1f} ms")
+
+
+def test_check_warns_naming_a_hosted_asgi_app_that_would_seal_per_process() -> None:
+    app = new_appliance(3, mcp={"app": "asgi_app:app"})
+    try:
+        app.config_path.write_text(to_toml(app.settings))
+        fixture_dir = str(Path(__file__).parent)
+        result = app.command("check", env={"PYTHONPATH": fixture_dir})
+        assert result.returncode == 0, result.stderr
+        assert "warning" in result.stderr and "mcp.app = 'asgi_app:app'" in result.stderr
+        assert "per-process key" in result.stderr
+        # The default MCPServer gets the shared ring from the worker: nothing to warn about.
+        app.settings["mcp"] = {}
+        app.config_path.write_text(to_toml(app.settings))
+        result = app.command("check")
+        assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    finally:
+        shutil.rmtree(app.base, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_a_fleet_rotation_phase_by_phase_on_every_node_fails_no_round_across_nodes() -> None:
+    """What the Ansible role does with the vault variable: each phase on every host, then the next."""
+    shared = Path(tempfile.mkdtemp(prefix="mcp-appliance-ring-", dir="/tmp"))
+    shared.chmod(0o755)
+    ring_file = shared / "request-state.keys"
+    nodes = [new_appliance(2, node={"ordinal": k}, state={"keys_file": str(ring_file), "request_ttl": 3})
+             for k in range(2)]
+    try:
+        with running(nodes[0]), running(nodes[1]), round_robin_front(nodes) as url:
+            note_id, again = [await seed_note(node.mcp_url) for node in nodes]
+            assert note_id == again
+            old = ring_file.read_text().split()[-1]
+            new = "f" * 64
+            done: list[str] = []
+
+            def rotate_fleet() -> None:
+                for phase in ([old, new], [new, old], [new]):
+                    if len(phase) == 1:
+                        time.sleep(3)  # one state.request_ttl after [NEW, OLD] is on every node
+                    ring_file.write_text("\n".join(phase) + "\n")
+                    for node in nodes:
+                        result = node.command("reload", timeout=300)
+                        assert result.returncode == 0, result.stdout + result.stderr
+                done.append("yes")
+
+            completed, failures = 0, []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, rotate_fleet)
+                while not done:
+                    ok, failed = await asking_calls(url, note_id, calls=10)
+                    completed, failures = completed + ok, failures + failed
+            assert failures == []
+            assert completed >= 3 * 20
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
