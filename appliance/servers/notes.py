@@ -426,7 +426,8 @@ def _add_asking_tools(server: MCPServer, store: NoteStore) -> None:
         note = store.get(id)
         if note is None:
             raise NoteError(f"note {id} not found")
-        text = f"Write a one-paragraph abstract of this note.\n\n{_markdown(note)}"
+        # Only what the note says: the question must render the same on every round and node.
+        text = f"Write a one-paragraph abstract of this note.\n\n# {note.title}\n\n{note.body}"
         return Sample([SamplingMessage(role="user", content=TextContent(type="text", text=text))], max_tokens=300)
 
     @server.tool(annotations=read_only)
