@@ -10,7 +10,6 @@ in /config or put in metrics: only their fingerprints (the SDK's key ids) are.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -120,10 +119,3 @@ def ensure_ring(settings: Settings, as_root: bool) -> Ring:
         return ring
     return read_ring(settings)
 
-
-def can_generate(settings: Settings) -> bool:
-    """Whether `run` could create the missing ring file (its directory exists or can be made, writable)."""
-    parent = settings.state_keys_path.parent
-    while not parent.exists():
-        parent = parent.parent
-    return os.access(parent, os.W_OK)
