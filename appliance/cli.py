@@ -33,11 +33,15 @@ def cmd_check(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     from appliance.gate.services import check_gate
     from appliance.worker import HostedAppError, import_target
 
+    from appliance.state.checks import state_warnings
+
     try:
-        import_target(settings.mcp.app)
+        target = import_target(settings.mcp.app)
         check_gate(settings)
     except (HostedAppError, ConfigError) as exc:
         return _fail(str(exc))
+    for warning in state_warnings(settings, target):
+        print(f"mcp-appliance: warning: {warning}", file=sys.stderr)
     print(f"ok: {settings.source}: {settings.workers.count} workers serving {settings.mcp.app} on port {settings.http.port}")
     return 0
 
@@ -66,6 +70,7 @@ def cmd_run(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     from appliance.gate.services import preflight_gate
     from appliance.operations import prepare_run
     from appliance.render import render_all, write_files
+    from appliance.state.keys import ensure_ring
     from appliance.supervisor import nudge_when_up, socket_path
     from appliance.worker import HostedAppError, import_target
 
@@ -77,6 +82,7 @@ def cmd_run(settings: Settings, path: Path, args: argparse.Namespace) -> int:
         preflight.check_ports_free(settings)
         preflight.prepare_dirs(settings, as_root)
         preflight_gate(settings, as_root)
+        ensure_ring(settings, as_root)
         ctx = _render_context(settings, path, nginx)
         files = render_all(settings, ctx)  # type: ignore[arg-type]
     except (ConfigError, HostedAppError) as exc:
@@ -166,6 +172,8 @@ def cmd_keys(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Manage the API keys in auth.keys_file (the key itself is shown once, at `add`)."""
     from appliance import keys
 
+    if args.keys_command == "rotate-state":
+        return _rotate_state(settings)
     file = settings.auth.keys_file
     user = settings.user if os.geteuid() == 0 else None
     try:
@@ -190,6 +198,28 @@ def cmd_keys(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotate_state(settings: Settings) -> int:
+    """`keys rotate-state`: the request-state ring's three phases, each by a rolling reload."""
+    from appliance.operations import OperationError
+    from appliance.state.rotation import rotate
+
+    def reload() -> None:
+        if _operate(settings, "reload") != 0:
+            raise OperationError("the rolling reload failed; run `mcp-appliance keys rotate-state` again to resume")
+
+    def note(message: str) -> None:
+        print(f"mcp-appliance: {message}", flush=True)
+
+    started = time.monotonic()
+    try:
+        ring = rotate(settings, reload, note, as_root=os.geteuid() == 0)
+    except (ConfigError, OperationError) as exc:
+        return _fail(str(exc), 1)
+    print(f"mcp-appliance: request-state keys rotated in {time.monotonic() - started:.1f}s; "
+          f"key {ring.fingerprints()[0]} seals")
+    return 0
+
+
 def cmd_nginx(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Internal: nginx's master (started by supervisord), after a dead master's leftovers are gone."""
     from appliance.nginx_master import exec_nginx
@@ -205,9 +235,10 @@ def _operate(settings: Settings, action: str, *args: int) -> int:
     from appliance.operations import OperationError, Operator
 
     progress = logging.getLogger("appliance.operations")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("mcp-appliance: %(message)s"))
-    progress.addHandler(handler)
+    if not progress.handlers:  # `keys rotate-state` operates three times in one process
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("mcp-appliance: %(message)s"))
+        progress.addHandler(handler)
     progress.setLevel(logging.INFO)
     operator = Operator(settings)
     try:
@@ -241,7 +272,8 @@ COMMANDS = {
     "admin": (cmd_admin, argparse.SUPPRESS),
     "events": (cmd_events, argparse.SUPPRESS),
     "nginx": (cmd_nginx, argparse.SUPPRESS),
-    "keys": (cmd_keys, "manage API keys: keys add --principal NAME [--scope S ...] | keys list | keys revoke ID"),
+    "keys": (cmd_keys, "manage API keys: keys add --principal NAME [--scope S ...] | keys list | keys revoke ID; "
+                          "keys rotate-state"),
 }
 
 
@@ -265,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
             ksub.add_parser("list", help="list keys (ids, principals, scopes; never the keys)")
             revoke = ksub.add_parser("revoke", help="remove a key by id")
             revoke.add_argument("id")
+            ksub.add_parser("rotate-state", help="rotate the request-state key ring (three rolling reloads and "
+                            "one state.request_ttl; run it again to resume)")
         if name == "nginx":
             p.add_argument("argv", nargs=argparse.REMAINDER, help="the nginx command line")
         if name == "scale":

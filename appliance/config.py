@@ -293,6 +293,19 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class StateSettings:
+    """What spans workers and hosts: the keys that seal multi-round-trip requestState."""
+
+    #: The request-state key ring (one secret per line, the first seals, every line unseals), readable
+    #: only by the service user; every worker and every host of a fleet must use the same file.
+    #: Empty: <data_dir>/request-state.keys, generated at the first start. Rotate with
+    #: `mcp-appliance keys rotate-state`.
+    keys_file: str = ""
+    #: Seconds a sealed requestState stays valid (the time a user has to answer a question).
+    request_ttl: int = 600
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every knob of the appliance."""
 
@@ -331,12 +344,18 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     #: Where these settings came from, for error messages and rendered headers.
     source: str = field(default="built-in defaults", compare=False)
 
     def worker_port(self, index: int) -> int:
         """The loopback port of worker `index`."""
         return self.workers.base_port + index
+
+    @property
+    def state_keys_path(self) -> Path:
+        """The request-state key ring: state.keys_file, or the one generated under data_dir."""
+        return Path(self.state.keys_file) if self.state.keys_file else self.data_dir / "request-state.keys"
 
 
 #: The seed's environment names, kept working: name -> dotted key.
@@ -574,6 +593,9 @@ def validate(settings: Settings) -> None:
         value = getattr(settings, key)
         need(value.is_absolute(), key, str(value), "an absolute path")
     _validate_gate(settings, need)
+    need(not settings.state.keys_file or Path(settings.state.keys_file).is_absolute(), "state.keys_file",
+         settings.state.keys_file, "empty or an absolute path")
+    need(1 <= settings.state.request_ttl <= 86400, "state.request_ttl", settings.state.request_ttl, "1 to 86400 seconds")
     # nginx, the admin app and the workers all bind on this host: one port each.
     ports: dict[int, str] = {}
     claims = [("http.port", settings.http.port), ("admin.port", settings.admin.port)]

@@ -94,9 +94,13 @@ def read_keys(path: Path) -> dict[str, KeyEntry]:
 
 def write_keys(path: Path, entries: dict[str, KeyEntry], service_user: str | None) -> None:
     """Replace the keys file atomically; readable by root and the service user's group only."""
+    write_secret(path, json.dumps({"keys": [e.as_json() for e in entries.values()]}, indent=2) + "\n", service_user)
+
+
+def write_secret(path: Path, text: str, service_user: str | None) -> None:
+    """Replace a secret file atomically (fsynced); mode 0640, the group the service user's when root."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    text = json.dumps({"keys": [e.as_json() for e in entries.values()]}, indent=2) + "\n"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     with os.fdopen(fd, "w") as f:
         f.write(text)

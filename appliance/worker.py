@@ -19,6 +19,10 @@ from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
 from appliance.lifetime import STOP_MARGIN, die_with_supervisord
 from appliance.pool import worker_socket
+from appliance.state import sealing
+from appliance.state.events import WithBus, share_events
+from appliance.state.local_fanout import LocalFanout, events_dir
+from appliance.state.keys import read_ring
 
 logger = logging.getLogger("appliance.worker")
 
@@ -29,6 +33,8 @@ class HostedAppError(Exception):
 
 def import_target(spec: str) -> Any:
     """The object named by `module:attribute`."""
+    # Before the app's module builds its MCPServer: tells its per-process policy from its own.
+    sealing.track_per_process_policies()
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -42,12 +48,15 @@ def import_target(spec: str) -> Any:
     return obj
 
 
-def hosted_app(settings: Settings) -> ASGIApp:
-    """The configured app as ASGI: an MCPServer gets a Streamable HTTP app built from settings."""
+def hosted_app(settings: Settings, index: int = 0) -> ASGIApp:
+    """The configured app as ASGI: an MCPServer gets a Streamable HTTP app built from settings,
+    sealing with the shared ring and publishing on the host's bus (worker `index`)."""
     target = import_target(settings.mcp.app)
     mcp = settings.mcp
     if isinstance(target, MCPServer):
-        return target.streamable_http_app(
+        share_state(target, settings)
+        bus = share_events(target, LocalFanout(events_dir(settings.run_dir), index))
+        app = target.streamable_http_app(
             streamable_http_path=mcp.path,
             json_response=mcp.json_response,
             stateless_http=not mcp.sessions,
@@ -58,11 +67,22 @@ def hosted_app(settings: Settings) -> ASGIApp:
             # app; the SDK's own check would see nginx's view and answer 421.
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
+        return app if bus is None else WithBus(app, bus)
     if callable(target):
         return target  # type: ignore[no-any-return]
     raise HostedAppError(
         f"mcp.app = {settings.mcp.app!r} is a {type(target).__name__}: expected an MCPServer or an ASGI app"
     )
+
+
+def share_state(server: MCPServer, settings: Settings) -> None:
+    """Give a hosted MCPServer what spans workers and hosts: the shared request-state ring."""
+    if not sealing.seals_per_process(server):
+        logger.info("%s keeps its own request_state_security", settings.mcp.app)
+        return
+    ring = read_ring(settings)
+    sealing.share_ring(server, ring.as_bytes(), float(settings.state.request_ttl))
+    logger.info("%s seals requestState with the shared ring (key ids %s)", settings.mcp.app, " ".join(ring.fingerprints()))
 
 
 def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
@@ -91,7 +111,7 @@ def run_worker(settings: Settings, index: int) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight requests (bounded by graceful_timeout)."""
     die_with_supervisord(settings.run_dir, f"worker-{index:02d}", settings.workers.graceful_timeout + STOP_MARGIN)
     stats = WorkerStats(index=index)
-    app = build_gate(hosted_app(settings), settings, index, stats)
+    app = build_gate(hosted_app(settings, index), settings, index, stats)
     config = hypercorn_config(settings, index)
     # Everything built so far (the SDK's and the hosted app's modules, models, schemas) lives
     # as long as the process: keep it out of the garbage collector's scans, which otherwise

@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import anyio.to_thread
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve, Sample
+from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
-from mcp_types import ToolAnnotations
+from mcp_types import CreateMessageResult, SamplingMessage, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from appliance.conditions import PROCESS_CONDITIONS, Conditions
@@ -397,7 +399,91 @@ def create_server(db_path_resolver: Callable[[], Path] | None = None) -> MCPServ
             "If the notes say nothing about the topic, say so plainly instead of guessing."
         )
 
+    _add_asking_tools(server, store)
+    _publish_changes(server)
     return server
+
+
+# -- Change events (2026-07-28 subscriptions/listen) --------------------------------------------
+# After a tool changed the notes: resources/updated for notes://{id} when a note is deleted
+# (readers of it refetch and find it gone), and resources/list_changed when the set of notes
+# changes (an add or a delete). Published on the server's bus, which the appliance fans out
+# to every worker; a middleware so the tools themselves stay plain storage calls.
+_CHANGES = {"add_note", "delete_note"}
+
+
+def _call_succeeded(result: object) -> dict[str, object] | None:
+    """The structured content of a successful tools/call result, else None."""
+    doc = result.model_dump(by_alias=True) if isinstance(result, BaseModel) else result
+    if not isinstance(doc, dict) or doc.get("isError"):
+        return None
+    content = doc.get("structuredContent")
+    return content if isinstance(content, dict) else {}
+
+
+def _publish_changes(server: MCPServer) -> None:
+    async def publish_changes(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        result = await call_next(ctx)
+        params = ctx.params or {}
+        if ctx.method != "tools/call" or params.get("name") not in _CHANGES:
+            return result
+        content = _call_succeeded(result)
+        if content is None:
+            return result
+        # The SDK has no public accessor for the bus its Context publishes on.
+        bus = server._subscriptions  # noqa: SLF001
+        if params["name"] == "delete_note" and isinstance(content.get("deleted"), int):
+            await bus.publish(ResourceUpdated(uri=f"notes://{content['deleted']}"))
+        await bus.publish(ResourcesListChanged())
+        return result
+
+    server.middleware.append(publish_changes)
+
+
+# -- Tools that ask the client (2026-07-28 multi-round-trip calls) ------------------------------
+# A resolver returns Elicit(...) or Sample(...): the first call answers with an
+# InputRequiredResult whose requestState the appliance's shared ring seals, and the client's
+# retry (which any worker, on any node, may receive) carries the answer.
+
+
+class SearchQuestion(BaseModel):
+    query: str = Field(description="Words to search the notes for")
+
+
+class Abstract(BaseModel):
+    id: int
+    abstract: str = Field(description="The client's model's one-paragraph abstract of the note")
+    model: str
+
+
+def _add_asking_tools(server: MCPServer, store: NoteStore) -> None:
+    read_only = ToolAnnotations(read_only_hint=True)
+
+    def ask_query(topic: str = "") -> Elicit[SearchQuestion]:
+        return Elicit(f"What should I search the notes for{' about ' + repr(topic) if topic else ''}?", SearchQuestion)
+
+    @server.tool(annotations=read_only)
+    def search_notes_asking(
+        question: Annotated[SearchQuestion, Resolve(ask_query)], topic: str = "",
+        limit: Annotated[int, Field(ge=1, le=100)] = 10,
+    ) -> list[SearchHit]:
+        """Ask the user what to search for (elicitation), then search the notes for it."""
+        return store.search(question.query, limit)
+
+    def ask_model(id: int) -> Sample:
+        note = store.get(id)
+        if note is None:
+            raise NoteError(f"note {id} not found")
+        # Only what the note says: the question must render the same on every round and node.
+        text = f"Write a one-paragraph abstract of this note.\n\n# {note.title}\n\n{note.body}"
+        return Sample([SamplingMessage(role="user", content=TextContent(type="text", text=text))], max_tokens=300)
+
+    @server.tool(annotations=read_only)
+    def abstract_note(id: int, answer: Annotated[CreateMessageResult, Resolve(ask_model)]) -> Abstract:
+        """Ask the client's model (sampling) for a one-paragraph abstract of note `id`."""
+        content = answer.content
+        text = content.text if isinstance(content, TextContent) else ""
+        return Abstract(id=id, abstract=text, model=answer.model)
 
 
 server: MCPServer = create_server()

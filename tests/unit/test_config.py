@@ -41,6 +41,7 @@ STRING_SAMPLES = {
     "node.peer_address": "app-{ordinal}.app-peers.ns.svc.cluster.local:8080",
     "auth.api_key_header": "X-Agent-Key",
     "auth.resource_url": "https://mcp.example.com/mcp",
+    "state.keys_file": "/etc/mcp-appliance/secrets/request-state.keys",
 }
 
 #: Valid non-default values for list keys whose validation restricts them.

@@ -84,7 +84,8 @@ def test_module_exposes_a_server_named_notes_with_the_documented_tools() -> None
 async def test_tools_are_named_exactly_as_the_policy_layer_expects(server: MCPServer) -> None:
     async with Client(server) as client:
         names = {tool.name for tool in (await client.list_tools()).tools}
-    assert names == {"add_note", "search_notes", "get_note", "list_notes", "delete_note", "summarize_notes"}
+    assert names == {"add_note", "search_notes", "get_note", "list_notes", "delete_note", "summarize_notes",
+                     "search_notes_asking", "abstract_note"}
 
 
 async def test_database_lives_in_the_data_dir_from_the_environment(server: MCPServer, data_dir: Path) -> None:

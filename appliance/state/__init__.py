@@ -1,0 +1,1 @@
+"""What spans processes and hosts: request-state keys and the event bus."""
