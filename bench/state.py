@@ -9,7 +9,7 @@ Measures, on loopback only:
   3. a key rotation (`keys rotate-state`, state.request_ttl = --ttl) under asking load:
      its duration and the failed rounds.
 
-Usage: python bench/state.py [--events 200] [--ttl 3] [--json figures.json]
+Usage: python -m bench.state [--events 200] [--ttl 3] [--json figures.json]
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.*
-
-from tests.harness import new_appliance, running  # noqa: E402
-from tests.integration.clients import mcp_client  # noqa: E402
-from tests.integration.test_state import asking_calls, seed_note, worker_url  # noqa: E402
+# Run from the repository root (python -m bench.state): it drives appliances the way the tests do.
+from tests.harness import new_appliance, running
+from tests.integration.clients import mcp_client
+from tests.integration.test_state import asking_calls, seed_note, worker_url
 
 
 async def completion(per_process: bool) -> dict[str, Any]:
