@@ -32,6 +32,8 @@ class HealthChecker:
     client: httpx2.AsyncClient = field(default_factory=lambda: httpx2.AsyncClient(trust_env=False))
     started: float = field(default_factory=time.time)
     ever_ready: bool = False
+    #: The admin app's watchdog (appliance/watchdog.py), for its reasons.
+    watchdog: Any = None
 
     async def probe_worker(self, index: int) -> dict[str, Any]:
         """One worker's probe answer, or why there is none."""
@@ -99,6 +101,8 @@ class HealthChecker:
         if sup_error:
             doc["supervisor_error"] = sup_error
         reasons = problems(programs, probes)
+        if self.watchdog is not None:
+            reasons += self.watchdog.reasons()
         if reasons:
             doc["reasons"] = reasons
         return status, doc
