@@ -84,6 +84,10 @@ class Watched(Protocol):
         """Exactly these (by Target.name) are out of service; the others are back."""
         ...
 
+    async def already_out(self) -> set[str]:
+        """Those out of service before this watchdog started (its predecessor's verdict)."""
+        ...
+
 
 @dataclass
 class _Track:
@@ -139,6 +143,11 @@ class Watchdog:
         """Probe every target once and act on what changed."""
         targets = await self.watched.targets()
         now = time.monotonic()
+        if self._applied is None:
+            # A restarted admin app: what its predecessor took out had answered once, and is silent since.
+            for name in await self.watched.already_out():
+                self.tracks[name] = _Track(next((t.pid for t in targets if t.name == name), 0), answered=True,
+                                           failures=FAILURES, silent_since=now, out=True)
         answers = await asyncio.gather(*(t.probe(PROBE_TIMEOUT) if t.pid else _no() for t in targets))
         tracks: dict[str, _Track] = {}
         for target, ok in zip(targets, answers):
@@ -287,6 +296,9 @@ class WorkerFleet:
     async def set_out(self, names: set[str]) -> None:
         indices = [int(name.removeprefix("worker-")) for name in names]
         await anyio.to_thread.run_sync(pool.set_unresponsive, self.settings.run_dir, indices)
+
+    async def already_out(self) -> set[str]:
+        return {worker_program(k) for k in pool.read_state(self.settings.run_dir)["unresponsive"]}
 
 
 @contextlib.asynccontextmanager

@@ -70,6 +70,9 @@ async def hang(app: Any, load: CallLoad, seconds: float) -> dict[str, float]:
             current = app.worker_pid(1)
             if current not in (0, pid) and "restarted" not in figures:
                 figures["restarted"] = time.monotonic() - froze
+            if "restarted" in figures and await anyio.to_thread.run_sync(in_pool, app, 1):
+                figures["rejoined"] = time.monotonic() - froze
+                break
             await anyio.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -79,9 +82,10 @@ async def hang(app: Any, load: CallLoad, seconds: float) -> dict[str, float]:
     figures["back_after_freeze"] = time.monotonic() - froze
     figures["back_after_end"] = time.monotonic() - ended
     if "restarted" in figures:
-        figures["rejoined_after_restart"] = figures["back_after_freeze"] - figures["restarted"]
+        figures["rejoined_after_restart"] = figures.get("rejoined", figures["back_after_freeze"]) - figures["restarted"]
     await load.wait_for_calls(500)
     calls = [c for c in load.calls[start_calls:] if c.sent >= froze - 1]
+    ended = min(ended, froze + seconds)
     sent_during = [c for c in calls if c.sent < ended]
     figures["calls"] = len(sent_during)
     figures["failed"] = sum(1 for c in sent_during if not c.ok)
