@@ -27,6 +27,7 @@ from appliance.config import Settings
 from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir
 from appliance.runtime import live_worker_count
 from appliance.supervisor import SupervisorUnavailable
+from appliance.watchdog import WatchdogMetrics
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -216,6 +217,9 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     gate.tool_latency.labels("x").observe(0.01)
     ProcessEvents(1, None, registry)
     EdgeEvents(registry)
+    watchdog = WatchdogMetrics("worker", registry)
+    watchdog.unresponsive.labels("0")
+    watchdog.hang_restarts.labels("0")
     settings = settings or Settings()
     stub = "Active connections: 1\nserver accepts handled requests\n 1 1 1\nReading: 0 Writing: 1 Waiting: 0\n"
     static = [*process_families([("admin", os.getpid())]), *nginx_families(stub), *appliance_families(settings, None, 0)]
