@@ -5,7 +5,8 @@ Its hosted app is the notes server plus a tool that blocks its worker's event lo
 (tests/integration/blocking_app.py). A worker is frozen with SIGSTOP (always SIGCONT in
 `finally`) or with that tool, under constant load of 2026-07-28 tool calls whose clients give
 up after CALL_TIMEOUT (as a load generator with a timeout does); every call is recorded with
-the moment it was sent.
+the moment it was sent. Calls the frozen worker already held end when their client gives up,
+when it thaws, or when it is restarted: the single worker's capacity is compared from FREE_AT on.
 """
 
 from __future__ import annotations
