@@ -78,6 +78,7 @@ class Call:
     ok: bool
     status: str
     body: str = ""
+    done: float = 0.0
 
 
 class CallLoad(BackgroundLoad):
@@ -114,11 +115,11 @@ class CallLoad(BackgroundLoad):
                 except httpx2.HTTPError as exc:
                     # A worker that died after it began to answer: nginx had passed the headers on.
                     kind = "cut off" if "complete message body" in str(exc) else type(exc).__name__
-                    self.calls.append(Call(rid, sent, False, kind))
+                    self.calls.append(Call(rid, sent, False, kind, done=time.monotonic()))
                     self.outcomes.fail(kind, repr(exc))
                     continue
                 ok = response.status_code == 200 and '"result"' in response.text and '"isError":true' not in response.text
-                self.calls.append(Call(rid, sent, ok, str(response.status_code), response.text[:500]))
+                self.calls.append(Call(rid, sent, ok, str(response.status_code), response.text[:500], time.monotonic()))
                 if ok:
                     self.outcomes.ok += 1
                 else:
@@ -248,7 +249,16 @@ async def test_frozen_worker_leaves_the_pool_within_2s_and_rejoins_without_resta
             # The single worker's rate once more, after: this machine's load drifts (other jobs share it),
             # and a healthy single worker did at least the lower of the two.
             after = await single_worker_rate(appliance)
-    assert during >= 0.9 * min(before, after), (during, before, after, str(load.outcomes))
+    # From FREE_AT on the clients see a healthy single worker: every one of them is answered all along
+    # (no client waits on the frozen worker), at the single worker's rate. That rate is compared with
+    # the lower of the windows before and after; on this shared 2-core machine two such windows of a
+    # healthy worker alone differ by up to a third, hence the margin (the figures: bench/failover.py).
+    start = froze + FREE_AT
+    for k in range(int(WINDOW // 2)):
+        answered = {c.request_id.rsplit("-", 2)[1] for c in load.calls
+                    if c.ok and start + 2 * k <= c.sent < start + 2 * (k + 1)}
+        assert len(answered) == load.loops, f"clients {answered} alone were answered in [{FREE_AT + 2 * k:g}s, +2s)"
+    assert during >= 0.6 * min(before, after), (during, before, after, str(load.outcomes))
 
     # No call sent once it was out reached the frozen worker: each one it ever ran was sent before.
     sent = {c.request_id: c.sent for c in load.calls}
