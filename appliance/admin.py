@@ -22,6 +22,7 @@ from appliance.gate.auth import WELL_KNOWN, AdminGuard, protected_resource_metad
 from appliance.health import HealthChecker
 from appliance.operations import OperationError, Operator, Result
 from appliance.supervisor import SupervisorClient, socket_path
+from appliance.watchdog import watching
 
 
 def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -> Starlette:
@@ -95,7 +96,10 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         edge_events = await metrics.listen_for_edge_events(settings)
         try:
-            yield
+            # Probes every worker twice a second, whether or not anyone asks /health (appliance/watchdog.py).
+            async with watching(settings, checker.supervisor) as watchdog:
+                checker.watchdog = watchdog
+                yield
         finally:
             if edge_events is not None:
                 edge_events.close()

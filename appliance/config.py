@@ -72,6 +72,13 @@ class WorkersSettings:
     base_port: int = 9100
     #: Seconds a stopping worker gives in-flight requests before it is killed.
     graceful_timeout: int = 20
+    #: Seconds a worker may stay alive but unanswering (a blocked event loop, a deadlock, a stopped
+    #: process) before the watchdog restarts it (SIGTERM, then SIGKILL); it leaves nginx's pool
+    #: after about 1.5 s without an answer and returns when it answers again.
+    hang_timeout: float = 30.0
+    #: Seconds nginx waits for a worker's answer to a read (a 2026-07-28 request whose Mcp-Method is
+    #: tools/list, resources/read, prompts/get, ping, …) before it sends the read to another worker.
+    read_timeout: int = 10
 
 
 @dataclass(frozen=True)
@@ -558,6 +565,10 @@ def validate(settings: Settings) -> None:
     need(_is_loopback(w.host), "workers.host", w.host, "a loopback address (workers are reached only through nginx)")
     need(_is_loopback(settings.admin.host), "admin.host", settings.admin.host, "a loopback address")
     need(w.graceful_timeout >= 0, "workers.graceful_timeout", w.graceful_timeout, "seconds >= 0")
+    # Below 2 s a worker under a burst of load could be restarted before it had a chance to answer.
+    need(2 <= w.hang_timeout <= 3600, "workers.hang_timeout", w.hang_timeout, "seconds from 2 to 3600")
+    need(1 <= w.read_timeout <= settings.http.read_timeout, "workers.read_timeout", w.read_timeout,
+         f"seconds from 1 to http.read_timeout ({settings.http.read_timeout})")
     need(_is_address(settings.http.host), "http.host", settings.http.host, "an IP address to listen on, e.g. 0.0.0.0 or ::")
     for key in ("max_body_bytes", "read_timeout", "connect_timeout", "upstream_keepalive", "worker_connections"):
         value = getattr(settings.http, key)

@@ -58,6 +58,8 @@ class HealthChecker:
     client: httpx2.AsyncClient = field(default_factory=lambda: httpx2.AsyncClient(trust_env=False))
     started: float = field(default_factory=time.time)
     ever_ready: bool = False
+    #: The admin app's watchdog (appliance/watchdog.py), for its reasons.
+    watchdog: Any = None
 
     def __post_init__(self) -> None:
         self._probes = SingleFlight(self._probe_workers)
@@ -136,6 +138,8 @@ class HealthChecker:
         if sup_error:
             doc["supervisor_error"] = sup_error
         reasons = problems(programs, probes)
+        if self.watchdog is not None:
+            reasons += self.watchdog.reasons()
         if reasons:
             doc["reasons"] = reasons
         return status, doc

@@ -10,12 +10,22 @@ Why not reload nginx: a graceful reload closes every idle client keep-alive conn
 and a request that a client sends on such a connection at that instant is reset. For a
 POST nobody can tell whether it ran (nginx/nginx#437). Re-pointing a symlink has no such
 window.
+
+Two parties decide who serves, and this module is the one place that combines them:
+operations (scale, restart, reload: appliance/operations.py) say which workers SHOULD
+serve (`assign`); the watchdog (appliance/watchdog.py) says which of them do not answer
+(`set_unresponsive`). The slots point at the first minus the second, or at the first alone
+when none of them answers (an empty pool helps nobody). Both sides write under one lock
+file and keep their halves in `<run_dir>/pool/state.json`, so neither undoes the other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 #: Servers in nginx's pool. More slots than workers spread the load evenly over any worker
@@ -62,7 +72,53 @@ def spread(workers: Sequence[int]) -> list[int]:
     return [ordered[j % len(ordered)] for j in range(SLOTS)]
 
 
+STATE_FILE = "state.json"
+LOCK_FILE = "pool.lock"
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[dict[str, list[int]]]:
+    """The pool's state under its lock; what the block leaves in it is written back and applied."""
+    directory = pool_dir(run_dir)
+    fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        state = read_state(run_dir)
+        yield state
+        tmp = directory / f".{STATE_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(state, sort_keys=True) + "\n")
+        tmp.chmod(0o644)
+        os.replace(tmp, directory / STATE_FILE)
+        unresponsive = set(state["unresponsive"])
+        _point(run_dir, [k for k in state["serving"] if k not in unresponsive] or state["serving"])
+    finally:
+        os.close(fd)
+
+
+def read_state(run_dir: Path) -> dict[str, list[int]]:
+    """{"serving": what operations want in the pool, "unresponsive": what the watchdog took out}."""
+    try:
+        data = json.loads((pool_dir(run_dir) / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        data = {}
+    return {"serving": sorted(data.get("serving", [])), "unresponsive": sorted(data.get("unresponsive", []))}
+
+
 def assign(run_dir: Path, workers: Iterable[int]) -> None:
+    """The workers that should serve (operations): the slots point at those that also answer."""
+    chosen = sorted(set(workers))
+    spread(chosen)  # refuse an empty pool before anything changes
+    with _locked(run_dir) as state:
+        state["serving"] = chosen
+
+
+def set_unresponsive(run_dir: Path, workers: Iterable[int]) -> None:
+    """The workers that do not answer their probe (the watchdog): out of the slots until they do."""
+    with _locked(run_dir) as state:
+        state["unresponsive"] = sorted(set(workers))
+
+
+def _point(run_dir: Path, workers: Iterable[int]) -> None:
     """Point the slots at `workers`; each slot changes atomically (new connections only)."""
     directory = pool_dir(run_dir)
     for slot, worker in enumerate(spread(list(workers))):
@@ -98,4 +154,6 @@ def prepare(run_dir: Path, workers: Iterable[int], owner: tuple[int, int] | None
         directory.mkdir(parents=True, exist_ok=True)
         if owner:
             os.chown(directory, *owner)
+    # A new start forgets what the last run's watchdog found (run_dir is normally fresh anyway).
+    (pool_dir(run_dir) / STATE_FILE).unlink(missing_ok=True)
     assign(run_dir, workers)

@@ -117,6 +117,7 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "command": ctx.command,
         "nginx": ctx.nginx,
         "graceful_timeout": settings.workers.graceful_timeout,
+        "read_timeout": settings.workers.read_timeout,
         # Workers, the admin app and the event listener write metrics files there (appliance/metrics.py).
         "environment": f'MCP_APPLIANCE_DATA_DIR="{settings.data_dir}",'
                        f'PROMETHEUS_MULTIPROC_DIR="{multiproc_dir(settings.run_dir)}"',

@@ -27,6 +27,7 @@ from appliance.config import Settings
 from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir, storage_errors
 from appliance.runtime import live_worker_count
 from appliance.supervisor import SupervisorUnavailable
+from appliance.watchdog import WatchdogMetrics
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -259,6 +260,9 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     gate.tool_latency.labels("x").observe(0.01)
     ProcessEvents(1, None, registry)
     storage_errors(registry).labels("full").inc()
+    watchdog = WatchdogMetrics("worker", registry)
+    watchdog.unresponsive.labels("0")
+    watchdog.hang_restarts.labels("0")
     # The admin app's own process: its rate-limit counter shares its name with the workers'.
     edge = CollectorRegistry()
     EdgeEvents(edge)

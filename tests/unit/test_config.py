@@ -351,3 +351,15 @@ def test_example_config_comments_every_key() -> None:
             above = lines[i - 1]
             # A key is commented directly above, or shares the comment of the key just above it.
             assert above.startswith("#") or ("=" in above and not above.startswith("#")), f"no comment for: {line}"
+
+
+@pytest.mark.parametrize(
+    ("workers", "named"),
+    [({"hang_timeout": 1}, "'workers.hang_timeout' = 1.0 is invalid: expected seconds from 2"),
+     ({"hang_timeout": 7200}, "'workers.hang_timeout'"),
+     ({"read_timeout": 0}, "'workers.read_timeout' = 0 is invalid"),
+     ({"read_timeout": 7200}, r"expected seconds from 1 to http.read_timeout \(3600\)")],
+)
+def test_watchdog_and_read_retry_timeouts_are_bounded(tmp_path: Path, workers: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load(tmp_path, {"workers": workers})

@@ -36,3 +36,20 @@ def test_assign_points_every_slot_at_a_worker_socket_and_re_points_in_place(tmp_
 
     pool.assign(tmp_path, range(3))
     assert pool.members(tmp_path) == {0, 1, 2}
+
+
+def test_unresponsive_worker_leaves_the_slots_and_an_operation_does_not_bring_it_back(tmp_path: Path) -> None:
+    pool.prepare(tmp_path, [0, 1])
+    pool.set_unresponsive(tmp_path, [1])  # the watchdog
+    assert pool.members(tmp_path) == {0}
+    pool.assign(tmp_path, range(3))  # a scale meanwhile: the new worker joins, the hung one stays out
+    assert pool.members(tmp_path) == {0, 2}
+    pool.set_unresponsive(tmp_path, [])  # it answers again
+    assert pool.members(tmp_path) == {0, 1, 2}
+    assert pool.read_state(tmp_path) == {"serving": [0, 1, 2], "unresponsive": []}
+
+
+def test_pool_never_empties_when_no_worker_answers(tmp_path: Path) -> None:
+    pool.prepare(tmp_path, [0, 1])
+    pool.set_unresponsive(tmp_path, [0, 1])
+    assert pool.members(tmp_path) == {0, 1}

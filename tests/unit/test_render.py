@@ -220,3 +220,26 @@ def test_every_program_ends_by_itself_before_supervisord_would_kill_it(tmp_path:
     assert f"worker_shutdown_timeout {settings.workers.graceful_timeout}s;" in files["nginx.conf"]
     # Each program checks its parent against the pid supervisord writes here (appliance/lifetime.py).
     assert options.pidfile == str(supervisord_pidfile(settings.run_dir))
+
+
+def test_only_sessionless_reads_go_where_nginx_may_send_them_twice(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, 2)
+    settings = dataclasses.replace(settings, workers=dataclasses.replace(settings.workers, read_timeout=7))
+    nginx = render(tmp_path, settings)["nginx.conf"]
+    block = re.search(r'map "\$http_mcp_session_id\|\$http_mcp_method" \$mcp_read \{(.*?)\}', nginx, re.S)
+    assert block is not None
+    pattern = re.search(r'"~(.*?)" 1;', block[1])
+    assert pattern is not None
+    reads = ["tools/list", "resources/list", "resources/read", "resources/templates/list", "prompts/list",
+             "prompts/get", "completion/complete", "ping", "server/discover"]
+    for method in reads:
+        assert re.match(pattern[1], f"|{method}"), method
+    for key in ("|tools/call", "|initialize", "|", "n0w1-abc|tools/list", "|tools/listx", "|resources/subscribe"):
+        assert not re.match(pattern[1], key), key
+    location = re.search(r"location @mcp_read \{(.*?)\n        \}", nginx, re.S)
+    assert location is not None
+    assert "proxy_next_upstream error timeout non_idempotent;" in location[1]
+    assert "proxy_read_timeout 7s;" in location[1]
+    # Everything else never goes twice to a worker once it was sent.
+    mcp = re.search(r"location = /mcp \{(.*?)\n        \}", nginx, re.S)
+    assert mcp is not None and "non_idempotent" not in mcp[1] and "return 418;" in mcp[1]

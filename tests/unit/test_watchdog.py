@@ -1,0 +1,126 @@
+"""The watchdog's decisions over a fake fleet whose processes are real child processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from appliance.watchdog import FAILURES, Target, Watchdog, WatchdogMetrics
+
+
+class Fleet:
+    """Two processes whose probe answers what the test says."""
+
+    kind = "worker"
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.answering = {name: True for name in pids}
+        self.out: set[str] = set()
+
+    async def targets(self) -> list[Target]:
+        def probe(name: str):  # type: ignore[no-untyped-def]
+            async def answer(timeout: float) -> bool:
+                return self.answering[name]
+            return answer
+
+        return [Target(name, name[-1], pid, probe(name)) for name, pid in self.pids.items()]
+
+    async def set_out(self, names: set[str]) -> None:
+        self.out = set(names)
+
+    async def already_out(self) -> set[str]:
+        return set(self.out)
+
+
+@pytest.fixture
+def children() -> Iterator[dict[str, int]]:
+    procs = {f"w-{k}": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for k in (0, 1)}
+    try:
+        yield {name: p.pid for name, p in procs.items()}
+    finally:
+        for p in procs.values():  # ours, by pid
+            p.kill()
+            p.wait()
+
+
+def dog(fleet: Fleet, hang_timeout: float) -> Watchdog:
+    return Watchdog(fleet, hang_timeout, WatchdogMetrics("worker", registry=CollectorRegistry()))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_silent_process_goes_out_after_failures_in_a_row_and_back_when_it_answers(children: dict[str, int]) -> None:
+    fleet = Fleet(children)
+    watchdog = dog(fleet, hang_timeout=60)
+    await watchdog.round()
+    fleet.answering["w-1"] = False
+    for _ in range(FAILURES - 1):
+        await watchdog.round()
+    assert fleet.out == set()  # one missed probe is not enough
+    await watchdog.round()
+    assert fleet.out == {"w-1"}
+    assert any("w-1" in reason and "out of nginx's pool" in reason for reason in watchdog.reasons())
+    fleet.answering["w-1"] = True
+    await watchdog.round()
+    assert fleet.out == set()
+
+
+@pytest.mark.anyio
+async def test_process_that_never_answered_is_starting_not_hung(children: dict[str, int]) -> None:
+    fleet = Fleet(children)
+    fleet.answering["w-0"] = False
+    watchdog = dog(fleet, hang_timeout=60)
+    for _ in range(FAILURES + 2):
+        await watchdog.round()
+    assert fleet.out == set()
+
+
+@pytest.mark.anyio
+async def test_process_silent_for_hang_timeout_is_killed_and_its_successor_stays_out_until_it_answers(
+    children: dict[str, int],
+) -> None:
+    fleet = Fleet(children)
+    watchdog = dog(fleet, hang_timeout=0.2)
+    await watchdog.round()
+    fleet.answering["w-1"] = False
+    old = children["w-1"]
+    deadline = time.monotonic() + 10
+    while not watchdog.restarts and time.monotonic() < deadline:
+        await watchdog.round()
+    assert [name for _, name, _ in watchdog.restarts] == ["w-1"]
+    while time.monotonic() < deadline and subprocess.run(["kill", "-0", str(old)], capture_output=True).returncode == 0:
+        # Popen has not reaped it yet: a zombie counts as gone; poll /proc for its state.
+        with open(f"/proc/{old}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        await watchdog.round()
+    # The supervisor started a new process under the same name: out until it answers.
+    fleet.pids["w-1"] = children["w-0"] + 10**6
+    await watchdog.round()
+    assert fleet.out == {"w-1"}
+    fleet.answering["w-1"] = True
+    await watchdog.round()
+    assert fleet.out == set()
+
+
+@pytest.mark.anyio
+async def test_a_new_watchdog_keeps_out_what_its_predecessor_took_out_until_it_answers(children: dict[str, int]) -> None:
+    fleet = Fleet(children)
+    fleet.out = {"w-1"}
+    fleet.answering["w-1"] = False
+    watchdog = dog(fleet, hang_timeout=60)  # the admin app restarted meanwhile
+    await watchdog.round()
+    assert fleet.out == {"w-1"}
+    fleet.answering["w-1"] = True
+    await watchdog.round()
+    assert fleet.out == set()
