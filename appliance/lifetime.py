@@ -41,6 +41,7 @@ from pathlib import Path
 import psutil
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 
 #: Seconds past its graceful timeout after which a program whose supervisord died exits regardless.
 STOP_MARGIN = 3.0
@@ -75,6 +76,19 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise LifetimeError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+def stay_reachable_by_the_watchdog() -> None:
+    """Let processes of the same user take this process's sockets (pidfd_getfd, appliance/sockets.py).
+
+    A process started as root that switched user is not dumpable, and then only root may
+    reach into it; the watchdog runs as the service user. Every process of the appliance
+    runs as that one user anyway, so this widens nothing beyond it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise LifetimeError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
 
 
 def die_with_supervisord(run_dir: Path, program: str, grace: float | None = None) -> None:

@@ -386,7 +386,9 @@ class Operator:
             for k in sorted(pending):
                 doc = self._probe(k)
                 in_flight = int(doc.get("in_flight", 0)) if doc else 0
-                connections = open_connections(pids[k], pool.worker_socket(self.run_dir, k))
+                counts = [open_connections(pids[k], sock) for sock in
+                          (pool.worker_socket(self.run_dir, k), pool.session_socket(self.run_dir, k))]
+                connections = None if None in counts else sum(c for c in counts if c is not None)
                 if in_flight:
                     quiet_since.pop(k, None)
                 elif connections == 0 or now - quiet_since.setdefault(k, now) >= grace:

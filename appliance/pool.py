@@ -59,6 +59,16 @@ def worker_socket(run_dir: Path, index: int) -> Path:
     return workers_dir(run_dir) / f"worker-{index:02d}.sock"
 
 
+def session_socket(run_dir: Path, index: int) -> Path:
+    """The unix socket nginx sends worker `index`'s legacy sessions to.
+
+    A socket of their own, apart from the pool's: the watchdog ends what a hung worker holds
+    on its pool socket at once (appliance/sockets.py), but a session's requests must wait for
+    their owner (it may answer again) until it is declared gone (restarted): then 404.
+    """
+    return workers_dir(run_dir) / f"session-{index:02d}.sock"
+
+
 def slot_path(run_dir: Path, slot: int) -> Path:
     """The path nginx connects to for pool slot `slot`."""
     return pool_dir(run_dir) / f"slot-{slot:02d}.sock"

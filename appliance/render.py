@@ -79,7 +79,7 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
     session_upstreams = [
         {
             "upstream": f"mcp_w{k}",
-            "socket": pool.worker_socket(settings.run_dir, k),
+            "socket": pool.session_socket(settings.run_dir, k),
             # Sessions of one worker share a few idle connections; the pool holds the rest.
             # Not derived from the worker count: a live scale must not change nginx.conf.
             "keepalive": max(4, settings.http.upstream_keepalive // 4),

@@ -6,14 +6,17 @@ probe is answered by the gate on the worker's event loop without touching the ho
 GIL or a stopped process all go unanswered. FAILURES probes in a row without an answer
 within PROBE_TIMEOUT take it out of service (a worker: out of nginx's pool, the way a
 draining worker leaves it; see appliance/pool.py): new work goes elsewhere about 1.5 s
-after it froze. It returns by itself when it answers again.
+after it froze, and what it holds is ended then (and every round while it is out): the
+requests nginx sent it over its pool socket get nginx's answer for a worker that stopped
+mid-call (reads are retried on another worker), while the process lives on
+(appliance/sockets.py). Its legacy sessions use a socket of their own, which is left alone:
+their requests wait for their owner. It returns by itself when it answers again.
 
 One that stays unanswering for `workers.hang_timeout` is restarted: SIGTERM to its process
 group (with SIGCONT, so a stopped process can act on it), SIGKILL after KILL_GRACE. Its
 supervisor (supervisord for a worker) starts a new one, which comes back into service when
-it answers. Its in-flight requests end with it: nginx answers the "worker stopped" JSON-RPC
-error (reads were already retried on another worker, see conf/nginx.conf.j2), and its legacy
-sessions get 404 (re-initialize) from then on, not before.
+it answers. What its sessions sent it ends with it, and its legacy sessions get 404
+(re-initialize) from then on, not before.
 
 Only a process that is alive and has answered once since it started is judged: a dead one
 is its supervisor's to restart, a starting one is not hung. Anything that has a pid and a
@@ -41,6 +44,7 @@ from appliance import pool
 from appliance.config import Settings
 from appliance.gate.probe import PROBE_PATH
 from appliance.runtime import live_worker_count
+from appliance.sockets import shut_down_connections
 from appliance.supervisor import SupervisorClient, SupervisorUnavailable, worker_program
 
 logger = logging.getLogger("appliance.watchdog")
@@ -88,6 +92,10 @@ class Watched(Protocol):
         """Those out of service before this watchdog started (its predecessor's verdict)."""
         ...
 
+    async def cut(self, target: Target) -> int:
+        """End the requests an out-of-service process holds, leaving the process be; how many (OSError: cannot)."""
+        ...
+
 
 @dataclass
 class _Track:
@@ -100,6 +108,8 @@ class _Track:
     silent_since: float | None = None
     out: bool = False
     killed: bool = False
+    #: Whether cutting its connections failed (logged once; the restart at hang_timeout remains).
+    cut_failed: bool = False
 
 
 class WatchdogMetrics:
@@ -111,6 +121,9 @@ class WatchdogMetrics:
                                     "probe and was taken out of service", [kind], **options)
         self.hang_restarts = Counter(f"mcp_appliance_{kind}_hang_restarts", f"Restarts of a {kind} by the watchdog "
                                      "after it did not answer for workers.hang_timeout", [kind], **options)
+        self.cut = Counter(f"mcp_appliance_{kind}_requests_cut", f"Requests held by an unanswering {kind} that the "
+                           "watchdog ended (the client got a JSON-RPC error; reads were retried elsewhere)", [kind],
+                           **options)
         self.out = Gauge(f"mcp_appliance_{kind}s_out_of_service", f"{kind.capitalize()}s out of service now because "
                          "they do not answer their probe", multiprocess_mode="livemax", **options)
         self.out.set(0)
@@ -166,6 +179,26 @@ class Watchdog:
             await self.watched.set_out(out)
             self._applied = out
             self.metrics.out.set(len(out))
+        # Out of the pool, new work goes elsewhere; what it already holds (and what its legacy
+        # sessions still send it) would wait for it: end that every round, the process lives on.
+        for target in targets:
+            track = tracks[target.name]
+            if track.out and target.pid and track.pid == target.pid and not track.killed and not track.cut_failed:
+                await self._cut(target, track)
+
+    async def _cut(self, target: Target, track: _Track) -> None:
+        try:
+            cut = await self.watched.cut(target)
+        except OSError as exc:
+            track.cut_failed = True
+            logger.warning("cannot end the requests %s (pid %d) holds: %s; they wait until it answers or is "
+                           "restarted after %gs (workers.hang_timeout)", target.name, target.pid, exc,
+                           self.hang_timeout, extra={"event": "watchdog_cut_failed", "target": target.name})
+            return
+        if cut:
+            self.metrics.cut.labels(target.label).inc(cut)
+            logger.warning("%s (pid %d) does not answer: ended %d requests it held", target.name, target.pid, cut,
+                           extra={"event": "watchdog_cut", "target": target.name, "pid": target.pid, "requests": cut})
 
     def _judge(self, target: Target, track: _Track, ok: bool, now: float) -> None:
         if ok:
@@ -300,6 +333,11 @@ class WorkerFleet:
     async def already_out(self) -> set[str]:
         return {worker_program(k) for k in pool.read_state(self.settings.run_dir)["unresponsive"]}
 
+    async def cut(self, target: Target) -> int:
+        # nginx reaches a worker through its unix socket only (pool slots and session upstreams).
+        path = pool.worker_socket(self.settings.run_dir, int(target.label))
+        return await anyio.to_thread.run_sync(shut_down_connections, target.pid, path)
+
 
 @contextlib.asynccontextmanager
 async def watching(settings: Settings, supervisor: SupervisorClient) -> AsyncIterator[Watchdog]:
@@ -310,6 +348,7 @@ async def watching(settings: Settings, supervisor: SupervisorClient) -> AsyncIte
         for k in range(live_worker_count(settings)):  # every series from the start, at 0
             dog.metrics.unresponsive.labels(str(k))
             dog.metrics.hang_restarts.labels(str(k))
+            dog.metrics.cut.labels(str(k))
         task = asyncio.get_running_loop().create_task(dog.run())
         try:
             yield dog

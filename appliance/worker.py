@@ -17,8 +17,8 @@ from starlette.types import ASGIApp
 
 from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
-from appliance.lifetime import STOP_MARGIN, die_with_supervisord
-from appliance.pool import worker_socket
+from appliance.lifetime import STOP_MARGIN, die_with_supervisord, stay_reachable_by_the_watchdog
+from appliance.pool import session_socket, worker_socket
 from appliance.state import sealing
 from appliance.state.events import WithBus, share_events
 from appliance.state.local_fanout import LocalFanout, events_dir
@@ -93,6 +93,7 @@ def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
     config.bind = [
         f"{settings.workers.host}:{settings.worker_port(index)}",
         f"unix:{worker_socket(settings.run_dir, index)}",
+        f"unix:{session_socket(settings.run_dir, index)}",
     ]
     # A full accept queue makes a unix-socket connect fail at once (EAGAIN) rather than wait:
     # nginx would answer 502 (a session: 404). Room for bursts of new connections.
@@ -110,6 +111,7 @@ def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
 def run_worker(settings: Settings, index: int) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight requests (bounded by graceful_timeout)."""
     die_with_supervisord(settings.run_dir, f"worker-{index:02d}", settings.workers.graceful_timeout + STOP_MARGIN)
+    stay_reachable_by_the_watchdog()
     stats = WorkerStats(index=index)
     app = build_gate(hosted_app(settings, index), settings, index, stats)
     config = hypercorn_config(settings, index)

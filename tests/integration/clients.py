@@ -21,7 +21,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from appliance.gate.sessions import parse_owner
-from appliance.pool import UPSTREAM_IDLE_TIMEOUT, worker_socket
+from appliance.pool import UPSTREAM_IDLE_TIMEOUT, session_socket
 from tests.harness import Appliance
 
 T = TypeVar("T")
@@ -125,7 +125,7 @@ def probes(appliance: Appliance) -> dict[int, dict[str, Any]]:
 
 def owner_upstream(appliance: Appliance, index: int) -> str:
     """How nginx's access log names worker `index` when it routes a session to its owner."""
-    return f"unix:{worker_socket(appliance.run_dir, index)}"
+    return f"unix:{session_socket(appliance.run_dir, index)}"
 
 
 async def eventually(predicate: Callable[[], T], timeout: float, message: str, interval: float = 0.1) -> T:

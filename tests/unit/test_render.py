@@ -15,7 +15,7 @@ from supervisor.options import ClientOptions, ServerOptions
 from appliance.config import McpSettings, NodeSettings, Settings, WorkersSettings
 from appliance.gate.sessions import owner_prefix
 from appliance.lifetime import STOP_MARGIN, supervisord_pidfile
-from appliance.pool import worker_socket
+from appliance.pool import session_socket
 from appliance.render import RenderContext, cli_command, render_all, write_files
 from appliance.supervisor import worker_program
 
@@ -129,7 +129,7 @@ def test_every_worker_has_a_session_map_entry_and_an_upstream(tmp_path: Path, no
         upstream_name = target.replace("$mcp_worker", group.get("mcp_worker", ""))
         assert upstream_name == f"mcp_w{k}"
         upstream = re.search(rf"upstream {upstream_name} \{{(.*?)\}}", nginx, re.S)
-        assert upstream is not None and f"server unix:{worker_socket(settings.run_dir, k)};" in upstream[1]
+        assert upstream is not None and f"server unix:{session_socket(settings.run_dir, k)};" in upstream[1]
     # Another node's sessions are not routed to this node's workers.
     other = owner_prefix(node + 1, 0) + "0123456789abcdef"
     assert not any(re.match(pcre_to_python(p[1:]), other) and t.startswith("mcp_w") for p, t in entries)

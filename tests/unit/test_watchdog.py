@@ -22,6 +22,7 @@ class Fleet:
         self.pids = pids
         self.answering = {name: True for name in pids}
         self.out: set[str] = set()
+        self.cuts: list[str] = []
 
     async def targets(self) -> list[Target]:
         def probe(name: str):  # type: ignore[no-untyped-def]
@@ -36,6 +37,10 @@ class Fleet:
 
     async def already_out(self) -> set[str]:
         return set(self.out)
+
+    async def cut(self, target: Target) -> int:
+        self.cuts.append(target.name)
+        return 1
 
 
 @pytest.fixture
@@ -69,6 +74,9 @@ async def test_silent_process_goes_out_after_failures_in_a_row_and_back_when_it_
     assert fleet.out == set()  # one missed probe is not enough
     await watchdog.round()
     assert fleet.out == {"w-1"}
+    assert fleet.cuts == ["w-1"]  # what it holds is ended as it goes out, and every round while out
+    await watchdog.round()
+    assert fleet.cuts == ["w-1", "w-1"]
     assert any("w-1" in reason and "out of nginx's pool" in reason for reason in watchdog.reasons())
     fleet.answering["w-1"] = True
     await watchdog.round()
