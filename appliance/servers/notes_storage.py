@@ -21,12 +21,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
 logger = logging.getLogger("appliance.servers.notes")
+T = TypeVar("T")
 
 DATA_DIR_ENV = "MCP_APPLIANCE_DATA_DIR"
 DEFAULT_DATA_DIR = Path("/var/lib/mcp-appliance")
@@ -333,26 +334,41 @@ class PostgresNotes:
             raise
         return conn
 
-    @contextmanager
-    def _db(self) -> Iterator[Any]:
-        """The connection; a database that cannot be reached becomes the tool error "database unavailable"."""
+    def _run(self, op: Callable[[Any], T], write: bool = False) -> T:
+        """`op(connection)`; a database that cannot be reached becomes the tool error "database unavailable".
+
+        A connection the server dropped since its last use (a PostgreSQL restart) is found out
+        only by using it: then the call is tried once more on a new one, a read always, a write
+        only when its transaction had not begun, so a note is never saved twice.
+        """
         import psycopg
 
         with self._lock:
-            try:
-                # A connection inherited across fork() must not be used by the child.
-                if self._conn is None or self._conn.closed or self._pid != os.getpid():
-                    try:
-                        self._conn, self._pid = self._open(), os.getpid()
-                    except (psycopg.Error, ValueError) as exc:  # also a URL file gone bad since `check`
-                        raise psycopg.OperationalError(str(exc)) from exc
-                yield self._conn
-            except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
-                self._drop()
-                # Only what psycopg says failed: the URL (and its password) is never in a message.
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                logger.warning("notes database unavailable: %s", first)
-                raise NoteError(f"{UNAVAILABLE}: the notes database cannot be reached; try again shortly") from None
+            for attempt in (1, 2):
+                fresh = False
+                began: list[bool] = []
+                try:
+                    # A connection inherited across fork() must not be used by the child.
+                    if self._conn is None or self._conn.closed or self._pid != os.getpid():
+                        fresh = True
+                        try:
+                            self._conn, self._pid = self._open(), os.getpid()
+                        except (psycopg.Error, ValueError) as exc:  # also a URL file gone bad since `check`
+                            raise psycopg.OperationalError(str(exc)) from exc
+                    if not write:
+                        return op(self._conn)
+                    with self._conn.transaction():
+                        began.append(True)
+                        return op(self._conn)
+                except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+                    self._drop()
+                    if attempt == 1 and not fresh and not began:
+                        continue
+                    # Only what psycopg says failed: the URL (and its password) is never in a message.
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    logger.warning("notes database unavailable: %s", first)
+                    raise NoteError(f"{UNAVAILABLE}: the notes database cannot be reached; try again shortly") from None
+        raise AssertionError("not reached")
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -365,53 +381,51 @@ class PostgresNotes:
     def add(self, title: str, body: str, tags: list[str]) -> Note:
         title, body, tags = _clean(title, body, tags)
         created = datetime.now(UTC).isoformat(timespec="seconds")
-        with self._db() as db:
-            row = db.execute("INSERT INTO notes (title, body, tags, created_at) VALUES (%s, %s, %s, %s) RETURNING id",
-                             (title, body, json.dumps(tags), created)).fetchone()
+        row = self._run(lambda db: db.execute(
+            "INSERT INTO notes (title, body, tags, created_at) VALUES (%s, %s, %s, %s) RETURNING id",
+            (title, body, json.dumps(tags), created)).fetchone(), write=True)
         return Note(id=row["id"], title=title, body=body, tags=tags, created_at=created)
 
     def get(self, note_id: int) -> Note | None:
-        with self._db() as db:
-            row = db.execute("SELECT id, title, body, tags, created_at FROM notes WHERE id = %s", (note_id,)).fetchone()
+        row = self._run(lambda db: db.execute(
+            "SELECT id, title, body, tags, created_at FROM notes WHERE id = %s", (note_id,)).fetchone())
         return _pg_note(row) if row else None
 
     def delete(self, note_id: int) -> bool:
-        with self._db() as db:
-            return bool(db.execute("DELETE FROM notes WHERE id = %s", (note_id,)).rowcount)
+        return self._run(lambda db: bool(db.execute("DELETE FROM notes WHERE id = %s", (note_id,)).rowcount),
+                         write=True)
 
     def search(self, query: str, limit: int) -> list[SearchHit]:
         match = ts_query(query)
         if not match:
             return []
-        with self._db() as db:
-            rows = db.execute(
-                f"SELECT id, title, ts_headline('simple', title || ' ' || body, q, {_HEADLINE}) AS snip,"
-                f" ts_rank({_PG_WEIGHTS}, search, q) AS score"
-                " FROM notes, to_tsquery('simple', %s) AS q WHERE search @@ q"
-                " ORDER BY score DESC, id DESC LIMIT %s", (match, limit)).fetchall()
+        rows = self._run(lambda db: db.execute(
+            f"SELECT id, title, ts_headline('simple', title || ' ' || body, q, {_HEADLINE}) AS snip,"
+            f" ts_rank({_PG_WEIGHTS}, search, q) AS score"
+            " FROM notes, to_tsquery('simple', %s) AS q WHERE search @@ q"
+            " ORDER BY score DESC, id DESC LIMIT %s", (match, limit)).fetchall())
         return [SearchHit(id=r["id"], title=r["title"], snippet=r["snip"], score=float(r["score"])) for r in rows]
 
     def summaries(self, tag: str | None, limit: int, offset: int) -> list[NoteSummary]:
         where, args = "", []
         if tag is not None:
             where, args = "WHERE tags::jsonb ? %s", [tag.strip().lower()]
-        with self._db() as db:
-            rows = db.execute(f"SELECT id, title, tags, created_at FROM notes {where}"
-                              " ORDER BY id DESC LIMIT %s OFFSET %s", (*args, limit, offset)).fetchall()
+        rows = self._run(lambda db: db.execute(f"SELECT id, title, tags, created_at FROM notes {where}"
+                                               " ORDER BY id DESC LIMIT %s OFFSET %s", (*args, limit, offset)).fetchall())
         return [NoteSummary(id=r["id"], title=r["title"], tags=json.loads(r["tags"]), created_at=r["created_at"])
                 for r in rows]
 
     def matching(self, query: str, cap: int) -> list[Note]:
         columns = "id, title, body, tags, created_at"
-        with self._db() as db:
-            if not query.strip():
-                rows = db.execute(f"SELECT {columns} FROM notes ORDER BY id DESC LIMIT %s", (cap + 1,)).fetchall()
-            elif match := ts_query(query):
-                rows = db.execute(f"SELECT {columns} FROM notes, to_tsquery('simple', %s) AS q WHERE search @@ q"
-                                  f" ORDER BY ts_rank({_PG_WEIGHTS}, search, q) DESC, id DESC LIMIT %s",
-                                  (match, cap + 1)).fetchall()
-            else:
-                rows = []
+        if not query.strip():
+            rows = self._run(lambda db: db.execute(
+                f"SELECT {columns} FROM notes ORDER BY id DESC LIMIT %s", (cap + 1,)).fetchall())
+        elif match := ts_query(query):
+            rows = self._run(lambda db: db.execute(
+                f"SELECT {columns} FROM notes, to_tsquery('simple', %s) AS q WHERE search @@ q"
+                f" ORDER BY ts_rank({_PG_WEIGHTS}, search, q) DESC, id DESC LIMIT %s", (match, cap + 1)).fetchall())
+        else:
+            rows = []
         return [_pg_note(r) for r in rows]
 
 
