@@ -57,6 +57,9 @@ async def test_a_note_added_through_node_0_is_found_by_get_and_search_through_no
         assert set(hits[0]) == {"id", "title", "snippet", "score"} and "**reconciled**" in hits[0]["snippet"]
         prefix = await client.call_tool("search_notes", {"query": "ledg*"})
         assert note_id in [h["id"] for h in prefix.structured_content["result"]]
+        # tsquery syntax in the words is only text: no error, as with SQLite.
+        hostile = await client.call_tool("search_notes", {"query": "O'Brien \\ '' :* & | ! <-> ("})
+        assert not hostile.is_error, text_of(hostile)
 
 
 def test_the_database_url_is_absent_from_config_logs_and_metrics(two_nodes: tuple[Cluster, list[Appliance]]) -> None:
