@@ -263,7 +263,7 @@ DATABASE_URL_FILE_ENV = "MCP_APPLIANCE_NOTES_DATABASE_URL_FILE"
 CONNECT_TIMEOUT = 3
 UNAVAILABLE = "database unavailable"
 
-# One statement at a time (psycopg sends a parameterless script as one simple query).
+# Run at each connect, in one transaction: idempotent, and serialized across workers and hosts.
 _PG_SCHEMA = (
     # Several workers on several hosts start at once: one creates, the others wait.
     "SELECT pg_advisory_xact_lock(7386193)",
@@ -320,6 +320,7 @@ class PostgresNotes:
         self._pid = 0
 
     def _open(self) -> Any:
+        # psycopg is imported where used: a SQLite-only appliance never loads libpq.
         import psycopg
         from psycopg.rows import dict_row
 
