@@ -31,6 +31,7 @@ def _render_context(settings: Settings, path: Path, nginx: str) -> object:
 def cmd_check(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Validate the config and import the hosted app."""
     from appliance.gate.services import check_gate
+    from appliance.preflight import check_notes_database, notes_warnings
     from appliance.worker import HostedAppError, import_target
 
     from appliance.state.checks import state_warnings
@@ -38,9 +39,10 @@ def cmd_check(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     try:
         target = import_target(settings.mcp.app)
         check_gate(settings)
+        check_notes_database(settings)
     except (HostedAppError, ConfigError) as exc:
         return _fail(str(exc))
-    for warning in state_warnings(settings, target):
+    for warning in state_warnings(settings, target) + notes_warnings(settings):
         print(f"mcp-appliance: warning: {warning}", file=sys.stderr)
     print(f"ok: {settings.source}: {settings.workers.count} workers serving {settings.mcp.app} on port {settings.http.port}")
     return 0
@@ -80,6 +82,7 @@ def cmd_run(settings: Settings, path: Path, args: argparse.Namespace) -> int:
         nginx = preflight.find_nginx()
         supervisord = preflight.find_supervisord()
         preflight.check_ports_free(settings)
+        preflight.check_notes_database(settings)
         preflight.prepare_dirs(settings, as_root)
         preflight_gate(settings, as_root)
         ensure_ring(settings, as_root)

@@ -313,6 +313,18 @@ class StateSettings:
 
 
 @dataclass(frozen=True)
+class NotesSettings:
+    """The default notes server's data: SQLite on one host, or one PostgreSQL database for several."""
+
+    #: A file (readable only by the service user, e.g. mode 0640) holding a PostgreSQL URL
+    #: (postgresql://user:password@host:5432/db, or a libpq conninfo): the notes server keeps its
+    #: notes there, with full-text search, and its events cross hosts by LISTEN/NOTIFY. The URL is
+    #: a secret: never shown in /config, logs or metrics. Empty: SQLite under data_dir (one host;
+    #: every node or pod has its own notes).
+    database_url_file: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every knob of the appliance."""
 
@@ -352,6 +364,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     state: StateSettings = field(default_factory=StateSettings)
+    notes: NotesSettings = field(default_factory=NotesSettings)
     #: Where these settings came from, for error messages and rendered headers.
     source: str = field(default="built-in defaults", compare=False)
 

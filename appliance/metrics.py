@@ -70,7 +70,7 @@ def audit_write_errors(registry: CollectorRegistry | None = None) -> Counter:
 def storage_errors(registry: CollectorRegistry | None = None) -> Counter:
     """Writes of a hosted server's data that the storage refused, by reason (the default notes server counts)."""
     return Counter("mcp_appliance_storage_errors", "Writes of hosted data the storage refused, by reason "
-                   "(full, read_only, io_error, cannot_open)", ["reason"], registry=registry)
+                   "(full, read_only, io_error, cannot_open, database_unavailable)", ["reason"], registry=registry)
 
 
 class GateMetrics:

@@ -90,3 +90,42 @@ def prepare_dirs(settings: Settings, as_root: bool) -> None:
     nginx_dir.mkdir(exist_ok=True)
     if owner:
         os.chown(nginx_dir, owner.pw_uid, owner.pw_gid)
+
+
+NOTES_DATABASE_KEY = "notes.database_url_file"
+
+
+def check_notes_database(settings: Settings) -> None:
+    """The notes' PostgreSQL (when configured) answers now; a ConfigError naming the key when not.
+
+    The message says what failed, never the URL: it holds the database password.
+    """
+    path = settings.notes.database_url_file
+    if not path:
+        return
+    import psycopg
+
+    from appliance.servers.notes_storage import CONNECT_TIMEOUT, read_database_url
+
+    try:
+        url = read_database_url(Path(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"'{NOTES_DATABASE_KEY}' = '{path}': cannot read the database URL from it: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        with psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"'{NOTES_DATABASE_KEY}' = '{path}': cannot connect to the PostgreSQL database it "
+                          f"names (within {CONNECT_TIMEOUT} s): {first}") from None
+
+
+def notes_warnings(settings: Settings) -> list[str]:
+    """A warning when several nodes (peers, pods) would each keep their own SQLite notes."""
+    several = bool(settings.node.peers) or bool(settings.node.peer_address)
+    if settings.notes.database_url_file or not several or settings.mcp.app != "appliance.servers.notes:server":
+        return []
+    return [f"the notes server keeps its notes in SQLite under data_dir on each node: with several nodes "
+            f"(node.peers / node.peer_address) every node or pod has its own notes; set "
+            f"{NOTES_DATABASE_KEY} to share one PostgreSQL database"]

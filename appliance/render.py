@@ -120,7 +120,10 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "read_timeout": settings.workers.read_timeout,
         # Workers, the admin app and the event listener write metrics files there (appliance/metrics.py).
         "environment": f'MCP_APPLIANCE_DATA_DIR="{settings.data_dir}",'
-                       f'PROMETHEUS_MULTIPROC_DIR="{multiproc_dir(settings.run_dir)}"',
+                       f'PROMETHEUS_MULTIPROC_DIR="{multiproc_dir(settings.run_dir)}"'
+                       # The hosted-app contract for the notes' database (the path, never the URL).
+                       + (f',MCP_APPLIANCE_NOTES_DATABASE_URL_FILE="{settings.notes.database_url_file}"'
+                          if settings.notes.database_url_file else ""),
         "session_gone_body": SESSION_GONE_BODY,
         "node_tag": f"n{settings.node.ordinal}",
         "peer_routes": peers.peer_routes(settings),

@@ -7,6 +7,7 @@ import gc
 import importlib
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 from hypercorn.asyncio import serve
@@ -20,8 +21,9 @@ from appliance.gate import WorkerStats, build_gate
 from appliance.lifetime import STOP_MARGIN, die_with_supervisord, stay_reachable_by_the_watchdog
 from appliance.pool import session_socket, worker_socket
 from appliance.state import sealing
-from appliance.state.events import WithBus, share_events
+from appliance.state.events import Fanout, WithBus, share_events
 from appliance.state.local_fanout import LocalFanout, events_dir
+from appliance.state.pg_fanout import BothFanouts, PgFanout
 from appliance.state.keys import read_ring
 
 logger = logging.getLogger("appliance.worker")
@@ -55,7 +57,7 @@ def hosted_app(settings: Settings, index: int = 0) -> ASGIApp:
     mcp = settings.mcp
     if isinstance(target, MCPServer):
         share_state(target, settings)
-        bus = share_events(target, LocalFanout(events_dir(settings.run_dir), index))
+        bus = share_events(target, event_fanout(settings, index))
         app = target.streamable_http_app(
             streamable_http_path=mcp.path,
             json_response=mcp.json_response,
@@ -73,6 +75,14 @@ def hosted_app(settings: Settings, index: int = 0) -> ASGIApp:
     raise HostedAppError(
         f"mcp.app = {settings.mcp.app!r} is a {type(target).__name__}: expected an MCPServer or an ASGI app"
     )
+
+
+def event_fanout(settings: Settings, index: int) -> Fanout:
+    """The host's workers; and every node on the same database when the notes live in PostgreSQL."""
+    local = LocalFanout(events_dir(settings.run_dir), index)
+    if not settings.notes.database_url_file:
+        return local
+    return BothFanouts(local, PgFanout(Path(settings.notes.database_url_file), f"n{settings.node.ordinal}"))
 
 
 def share_state(server: MCPServer, settings: Settings) -> None:

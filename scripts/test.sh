@@ -19,7 +19,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
     nginx-light wrk python3 python3-venv python3-pip ca-certificates curl \
-    debootstrap systemd-container iproute2 util-linux tini shellcheck openssl >/dev/null
+    debootstrap systemd-container iproute2 util-linux tini shellcheck openssl postgresql >/dev/null
 
 # The appliance runs nginx itself (under supervisord); Debian's own nginx service is not ours to use.
 getent passwd mcp-appliance >/dev/null || useradd --system --no-create-home --shell /usr/sbin/nologin mcp-appliance

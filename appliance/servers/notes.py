@@ -1,24 +1,12 @@
 """Notes: the appliance's built-in default hosted MCP server, a notes knowledge base for agents.
 
-Hosted-app contract: the data directory is ``$MCP_APPLIANCE_DATA_DIR`` (read on first use,
-default ``/var/lib/mcp-appliance``); notes live in ``notes.db`` there, a WAL-mode SQLite file
-shared by every worker process, with an FTS5 index kept in sync by triggers.
-
-A write the disk refuses (full, read-only, I/O error) is answered with a tool error that
-says so, counted (mcp_appliance_storage_errors_total{reason}) and reported as the worker's
-condition "storage" (the worker's probe, then /health: degraded) until a write succeeds
-again; reads keep working.
+Hosted-app contract: the notes live in SQLite under ``$MCP_APPLIANCE_DATA_DIR`` (one host),
+or in the PostgreSQL database whose URL is in the file ``$MCP_APPLIANCE_NOTES_DATABASE_URL_FILE``
+(several hosts); see appliance/servers/notes_storage.py.
 """
 
-import json
-import os
-import re
-import sqlite3
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -26,52 +14,21 @@ import anyio.to_thread
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve, Sample
 from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp_types import CreateMessageResult, SamplingMessage, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from appliance.conditions import PROCESS_CONDITIONS, Conditions
-from appliance.metrics import storage_errors
+from appliance.servers.notes_storage import (
+    MAX_SUMMARIZE,
+    Note,
+    NoteError,
+    NotesStorage,
+    NoteSummary,
+    SearchHit,
+    open_storage,
+)
 
-DATA_DIR_ENV = "MCP_APPLIANCE_DATA_DIR"
-DEFAULT_DATA_DIR = Path("/var/lib/mcp-appliance")
-DB_FILENAME = "notes.db"
-
-MAX_TITLE = 200
-MAX_BODY = 100_000
-MAX_TAGS = 20
-MAX_TAG_LEN = 64
-MAX_SUMMARIZE = 500
-
-
-class NoteError(ToolError, ValueError):
-    """Bad input or unknown note.
-
-    A ToolError because the SDK replaces the text of any other exception with a generic
-    "Error executing tool <name>"; the ValueError base keeps `except ValueError` working.
-    """
-
-
-class Note(BaseModel):
-    id: int
-    title: str
-    body: str
-    tags: list[str]
-    created_at: str = Field(description="ISO-8601 UTC timestamp")
-
-
-class NoteSummary(BaseModel):
-    id: int
-    title: str
-    tags: list[str]
-    created_at: str
-
-
-class SearchHit(BaseModel):
-    id: int
-    title: str
-    snippet: str = Field(description="Matching excerpt; matched terms are wrapped in **")
-    score: float = Field(description="bm25 relevance, higher is better")
+__all__ = ["Note", "NoteError", "NoteSummary", "SearchHit", "create_server", "server"]
 
 
 class TagCount(BaseModel):
@@ -92,221 +49,16 @@ class Deleted(TypedDict):
     deleted: int
 
 
-_SCHEMA = (
-    # AUTOINCREMENT so a deleted note's id (and its notes:// URI) is never reused.
-    """CREATE TABLE IF NOT EXISTS notes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        title TEXT NOT NULL,
-        body TEXT NOT NULL,
-        tags TEXT NOT NULL DEFAULT '[]',
-        created_at TEXT NOT NULL)""",
-    """CREATE VIRTUAL TABLE IF NOT EXISTS notes_fts USING fts5(
-        title, body, tags, content='notes', content_rowid='id',
-        tokenize='unicode61 remove_diacritics 2')""",
-    """CREATE TRIGGER IF NOT EXISTS notes_ai AFTER INSERT ON notes BEGIN
-        INSERT INTO notes_fts(rowid, title, body, tags) VALUES (new.id, new.title, new.body, new.tags);
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS notes_ad AFTER DELETE ON notes BEGIN
-        INSERT INTO notes_fts(notes_fts, rowid, title, body, tags)
-        VALUES ('delete', old.id, old.title, old.body, old.tags);
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS notes_au AFTER UPDATE ON notes BEGIN
-        INSERT INTO notes_fts(notes_fts, rowid, title, body, tags)
-        VALUES ('delete', old.id, old.title, old.body, old.tags);
-        INSERT INTO notes_fts(rowid, title, body, tags) VALUES (new.id, new.title, new.body, new.tags);
-    END""",
-)
-_WORD = re.compile(r"[^\W_]")
-# Column weights for bm25(): title, body, tags.
-_RANK = "bm25(notes_fts, 10.0, 1.0, 5.0)"
-
-
-def default_db_path() -> Path:
-    """``$MCP_APPLIANCE_DATA_DIR/notes.db``, read at call time."""
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR) / DB_FILENAME
-
-
-def fts_query(text: str) -> str:
-    """Turn free text into a safe FTS5 query: each word a quoted term, OR-ed, ``word*`` kept as prefix."""
-    terms = []
-    for raw in text.split():
-        if not _WORD.search(raw):
-            continue
-        star = "*" if raw.endswith("*") else ""
-        terms.append('"' + raw.rstrip("*").replace('"', '""') + '"' + star)
-    return " OR ".join(terms)
-
-
-def _clean(title: str, body: str, tags: list[str]) -> tuple[str, str, list[str]]:
-    title = title.strip()
-    if not 1 <= len(title) <= MAX_TITLE:
-        raise NoteError(f"title must be 1..{MAX_TITLE} characters (got {len(title)})")
-    if len(body) > MAX_BODY:
-        raise NoteError(f"body must be at most {MAX_BODY} characters (got {len(body)})")
-    if len(tags) > MAX_TAGS:
-        raise NoteError(f"at most {MAX_TAGS} tags allowed (got {len(tags)})")
-    clean: list[str] = []
-    for tag in tags:
-        tag = tag.strip().lower()
-        if not 1 <= len(tag) <= MAX_TAG_LEN:
-            raise NoteError(f"each tag must be 1..{MAX_TAG_LEN} characters (got {tag!r})")
-        if tag not in clean:
-            clean.append(tag)
-    return title, body, clean
-
-
-def _note(row: sqlite3.Row) -> Note:
-    return Note(id=row["id"], title=row["title"], body=row["body"], tags=json.loads(row["tags"]),
-                created_at=row["created_at"])
-
 
 def _markdown(note: Note) -> str:
     tags = ", ".join(note.tags) or "none"
     return f"# {note.title}\n\n{note.body}\n\n---\nid: {note.id} · tags: {tags} · created: {note.created_at}\n"
 
 
-@contextmanager
-def _write(conn: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front: a deferred read->write upgrade can fail with
-    # SQLITE_BUSY without consulting busy_timeout when another process writes first.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        # SQLite rolls back by itself after some errors (a full disk at COMMIT): then there is nothing to undo.
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-#: SQLite's primary result codes that mean the storage refused a write -> (label, what the caller reads).
-STORAGE_FAILURES = {
-    sqlite3.SQLITE_FULL: ("full", "storage full"),
-    sqlite3.SQLITE_READONLY: ("read_only", "storage read-only"),
-    sqlite3.SQLITE_IOERR: ("io_error", "storage I/O error"),
-    sqlite3.SQLITE_CANTOPEN: ("cannot_open", "storage cannot be opened"),
-}
-
-
-def storage_failure(exc: sqlite3.Error) -> tuple[str, str] | None:
-    """(label, words) when `exc` means the disk refused a write, else None (a bug, a lock timeout …)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return STORAGE_FAILURES.get(code & 0xFF) if isinstance(code, int) else None
-
-
-class NoteStore:
-    """One lazily opened SQLite connection per process, serialized by a lock."""
-
-    def __init__(self, db_path_resolver: Callable[[], Path], conditions: Conditions = PROCESS_CONDITIONS) -> None:
-        self._resolve = db_path_resolver
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = 0
-        self._conditions = conditions
-        self._errors = storage_errors()
-        for label, _ in STORAGE_FAILURES.values():
-            self._errors.labels(label)  # exported at 0: a series that appears at 1 hides the first failure
-
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; a write the storage refuses becomes a tool error that says so, counted."""
-        try:
-            with self._db() as db, _write(db):
-                yield db
-        except sqlite3.Error as exc:
-            failure = storage_failure(exc)
-            if failure is None:
-                raise
-            label, words = failure
-            self._errors.labels(label).inc()
-            path = self._resolve()
-            self._conditions.set("storage", f"notes database {path} cannot be written: {words} ({exc}); "
-                                 "reads still work")
-            raise NoteError(f"{words}: the note was not saved, the notes database cannot be written ({exc}); "
-                            "reading notes still works") from None
-        self._conditions.clear("storage")
-
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            # A connection inherited across fork() must not be used (or closed) by the child.
-            if self._conn is None or self._pid != os.getpid():
-                self._conn, self._pid = self._open(), os.getpid()
-            yield self._conn
-
-    def _open(self) -> sqlite3.Connection:
-        path = self._resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            with _write(conn):  # serializes schema creation when several workers start at once
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def add(self, title: str, body: str, tags: list[str]) -> Note:
-        title, body, tags = _clean(title, body, tags)
-        created = datetime.now(UTC).isoformat(timespec="seconds")
-        with self._writing() as db:
-            cur = db.execute("INSERT INTO notes (title, body, tags, created_at) VALUES (?, ?, ?, ?)",
-                             (title, body, json.dumps(tags), created))
-        return Note(id=cur.lastrowid or 0, title=title, body=body, tags=tags, created_at=created)
-
-    def get(self, note_id: int) -> Note | None:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)).fetchone()
-        return _note(row) if row else None
-
-    def delete(self, note_id: int) -> bool:
-        with self._writing() as db:
-            return db.execute("DELETE FROM notes WHERE id = ?", (note_id,)).rowcount > 0
-
-    def search(self, query: str, limit: int) -> list[SearchHit]:
-        match = fts_query(query)
-        if not match:
-            return []
-        with self._db() as db:
-            rows = db.execute(
-                f"SELECT n.id, n.title, snippet(notes_fts, -1, '**', '**', '…', 16) AS snip, {_RANK} AS rank"
-                " FROM notes_fts JOIN notes n ON n.id = notes_fts.rowid"
-                " WHERE notes_fts MATCH ? ORDER BY rank LIMIT ?", (match, limit)).fetchall()
-        return [SearchHit(id=r["id"], title=r["title"], snippet=r["snip"], score=-r["rank"])
-                for r in rows]
-
-    def summaries(self, tag: str | None, limit: int, offset: int) -> list[NoteSummary]:
-        where, args = "", []
-        if tag is not None:
-            where, args = "WHERE EXISTS (SELECT 1 FROM json_each(notes.tags) WHERE value = ?)", [tag.strip().lower()]
-        with self._db() as db:
-            rows = db.execute(f"SELECT id, title, tags, created_at FROM notes {where}"
-                              " ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
-        return [NoteSummary(id=r["id"], title=r["title"], tags=json.loads(r["tags"]), created_at=r["created_at"])
-                for r in rows]
-
-    def matching(self, query: str, cap: int) -> list[Note]:
-        """Notes matching ``query`` (best first), or all notes (newest first) for an empty query; at most cap+1."""
-        with self._db() as db:
-            if not query.strip():
-                rows = db.execute("SELECT * FROM notes ORDER BY id DESC LIMIT ?", (cap + 1,)).fetchall()
-            elif match := fts_query(query):
-                rows = db.execute(f"SELECT n.* FROM notes_fts JOIN notes n ON n.id = notes_fts.rowid"
-                                  f" WHERE notes_fts MATCH ? ORDER BY {_RANK} LIMIT ?", (match, cap + 1)).fetchall()
-            else:
-                rows = []
-        return [_note(r) for r in rows]
-
 
 def create_server(db_path_resolver: Callable[[], Path] | None = None) -> MCPServer:
     """Build the notes server; the database is opened on first use, not here."""
-    store = NoteStore(db_path_resolver or default_db_path)
+    store = open_storage(db_path_resolver)
     server = MCPServer(
         "notes",
         title="Notes",
@@ -456,7 +208,7 @@ class Abstract(BaseModel):
     model: str
 
 
-def _add_asking_tools(server: MCPServer, store: NoteStore) -> None:
+def _add_asking_tools(server: MCPServer, store: NotesStorage) -> None:
     read_only = ToolAnnotations(read_only_hint=True)
 
     def ask_query(topic: str = "") -> Elicit[SearchQuestion]:

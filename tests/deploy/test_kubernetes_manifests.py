@@ -199,13 +199,14 @@ def test_the_configmap_loads_in_each_pod_with_its_ordinal_and_peers(
     assert settings.http.port == 8080 and settings.log_target == "stdout" and settings.environment == "production"
     # The secret files it names are where the Secret is mounted.
     secrets_at = next(path for path, name in mounts(objects).items() if name == "secrets")
-    for secret_file in (settings.admin.token_file, str(settings.auth.keys_file), settings.state.keys_file):
+    for secret_file in (settings.admin.token_file, str(settings.auth.keys_file), settings.state.keys_file,
+                        settings.notes.database_url_file):
         assert Path(secret_file).parent == Path(secrets_at)
     example = yaml.safe_load((BASE / "secret.example.yaml").read_text())
     volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "secrets")
     assert volume["secret"]["secretName"] == example["metadata"]["name"]
     assert {Path(settings.admin.token_file).name, settings.auth.keys_file.name,
-            Path(settings.state.keys_file).name} == set(example["stringData"])
+            Path(settings.state.keys_file).name, Path(settings.notes.database_url_file).name} == set(example["stringData"])
 
 
 def test_a_pods_rendered_nginx_conf_forwards_to_peers_by_name_and_passes_nginx_t(
