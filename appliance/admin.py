@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -94,7 +95,7 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        edge_events = await metrics.listen_for_edge_events(settings)
+        edge_events = metrics.listen_for_edge_events(settings)
         try:
             # Probes every worker twice a second, whether or not anyone asks /health (appliance/watchdog.py).
             async with watching(settings, checker.supervisor) as watchdog:
@@ -102,6 +103,8 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
                 yield
         finally:
             if edge_events is not None:
+                with contextlib.suppress(OSError):  # wakes its reader thread, which close() alone does not
+                    edge_events.shutdown(socket.SHUT_RDWR)
                 edge_events.close()
             await checker.client.aclose()
 

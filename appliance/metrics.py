@@ -13,11 +13,11 @@ restarts; gauges use the "live" modes and the files of dead processes are remove
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +142,14 @@ class ProcessEvents:
             self.restarts.labels(str(int(name.removeprefix("worker-")))).inc()
 
 
-class EdgeEvents(asyncio.DatagramProtocol):
+class EdgeEvents:
     """Counts nginx's 429 and 5xx answers: nginx logs each as a syslog datagram to a unix socket here.
 
     nginx's own counters (stub_status) do not split answers by status, and these are the
     two that matter: clients turned away by a limit, and failures (a worker's or nginx's).
+    A thread of its own reads them: a unix datagram socket queues only
+    net.unix.max_dgram_qlen (often 10) datagrams, after which nginx drops what it sends, and
+    the admin app's event loop can be busy with a scrape just when a flood is refused.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -167,14 +170,24 @@ class EdgeEvents(asyncio.DatagramProtocol):
         elif event.startswith("http_error_") and event[11:].isdigit():
             self.errors.labels(event[11:]).inc()
 
-    async def listen(self, path: Path) -> asyncio.DatagramTransport:
-        """Bind the socket nginx sends to (replacing a stale one)."""
+    def listen(self, path: Path) -> socket.socket:
+        """Bind the socket nginx sends to (replacing a stale one) and read it in a thread until it is closed."""
         path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(path))
         os.chmod(path, 0o660)
-        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
-        return transport
+        threading.Thread(target=self._read, args=(sock,), name="edge-events", daemon=True).start()
+        return sock
+
+    def _read(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(512)
+            except OSError:  # closed at shutdown
+                return
+            if not data:
+                return
+            self.datagram_received(data, None)
 
 
 def edge_socket(run_dir: Path) -> Path:
@@ -182,10 +195,10 @@ def edge_socket(run_dir: Path) -> Path:
     return run_dir / "nginx-edge.sock"
 
 
-async def listen_for_edge_events(settings: Settings) -> asyncio.DatagramTransport | None:
-    """In the admin app: count nginx's 429 and 5xx answers (None when the socket cannot be bound)."""
+def listen_for_edge_events(settings: Settings) -> socket.socket | None:
+    """In the admin app: count nginx's 429 and 5xx answers (None when the socket cannot be bound); close it to stop."""
     try:
-        return await EdgeEvents().listen(edge_socket(settings.run_dir))
+        return EdgeEvents().listen(edge_socket(settings.run_dir))
     except OSError as exc:
         logger.warning("not counting nginx's 429 and 5xx answers: cannot bind %s: %s", edge_socket(settings.run_dir), exc)
         return None
