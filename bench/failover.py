@@ -106,6 +106,17 @@ async def measure(freezes: int) -> dict[str, Any]:
             start = time.monotonic()
             await anyio.sleep(5)
             results["healthy_ok_per_s"] = load.succeeded(start, start + 5) / 5
+            # A healthy single worker under the same load (worker 1 out of the pool, as for a drain):
+            # what "from 3 s after the freeze on" is compared with.
+            pool.assign(app.run_dir, [0])
+            try:
+                await anyio.sleep(pool.UPSTREAM_IDLE_TIMEOUT + 1)  # nginx's pooled connections to worker 1 lapse
+                start = time.monotonic()
+                await anyio.sleep(5)
+                results["single_ok_per_s"] = load.succeeded(start, start + 5) / 5
+            finally:
+                pool.assign(app.run_dir, [0, 1])
+            await anyio.sleep(pool.UPSTREAM_IDLE_TIMEOUT + 1)
             results["freezes"] = [await freeze_to_out(app, load) for _ in range(freezes)]
             results["hang_5s"] = await hang(app, load, 5)
             results["hang_60s"] = await hang(app, load, 60)
@@ -119,7 +130,7 @@ def report(r: dict[str, Any]) -> str:
         f"# Failover figures ({os.cpu_count()} cores, load generator on the same cores)",
         "",
         f"- 8 clients, 2026-07-28 tool calls, {CLIENT_TIMEOUT:g} s client timeout; both workers healthy: "
-        f"{r['healthy_ok_per_s']:.0f} calls/s",
+        f"{r['healthy_ok_per_s']:.0f} calls/s; one healthy worker alone: {r['single_ok_per_s']:.0f} calls/s",
         f"- freeze (SIGSTOP) to out of nginx's pool, {len(outs)} freezes: median {statistics.median(outs):.2f} s, "
         f"max {max(outs):.2f} s; SIGCONT to back in the pool: median {statistics.median(backs):.2f} s",
     ]
@@ -127,7 +138,8 @@ def report(r: dict[str, Any]) -> str:
         h = r[name]
         line = (f"- {name.replace('_', ' of ')}: {h['failed']} of {h['calls']} calls failed "
                 f"({h['failed_after_3s']} of them sent 3 s or more after the freeze; kinds {h['kinds']}); "
-                f"{h['ok_per_s_from_3s']:.0f} calls/s answered from 3 s after the freeze on")
+                f"{h['ok_per_s_from_3s']:.0f} calls/s answered from 3 s after the freeze on "
+                f"({h['ok_per_s_from_3s'] / r['single_ok_per_s']:.0%} of one healthy worker)")
         if "restarted" in h:
             line += (f"; restarted by the watchdog {h['restarted']:.1f} s after the freeze, back in the pool "
                      f"{h['rejoined_after_restart']:.1f} s later")
