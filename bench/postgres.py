@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import anyio
 import psutil
 
 # Run from the repository root (python -m bench.postgres): it drives appliances the way the tests do.
+from bench.state import delete_latencies
 from tests.harness import Appliance, new_appliance, running
 from tests.integration.clients import mcp_client
 from tests.integration.pg import Cluster, cluster
@@ -84,27 +84,8 @@ async def throughput(pg: Cluster, seconds: float, clients: int) -> dict[str, Any
 
 async def cross_node_latency(pg: Cluster, events: int) -> dict[str, Any]:
     nodes = [new_appliance(1, node={"ordinal": k}, notes={"database_url_file": str(pg.url_file)}) for k in range(2)]
-    samples: list[float] = []
     with running(nodes[0]), running(nodes[1]):
-        async with mcp_client(nodes[1].mcp_url, mode="2026-07-28") as (listener, _), \
-                mcp_client(nodes[0].mcp_url, mode="2026-07-28") as (writer, _):
-            ids = []
-            for k in range(events):
-                result = await writer.call_tool("add_note", {"title": f"event {k}", "body": "x"})
-                ids.append(int(result.structured_content["id"]))
-            async with listener.listen(resource_subscriptions=[f"notes://{i}" for i in ids]) as subscription:
-                for note_id in ids:
-                    sent = time.perf_counter()
-                    await writer.call_tool("delete_note", {"id": note_id})
-                    with anyio.fail_after(5):
-                        async for event in subscription:
-                            if getattr(event, "uri", None) == f"notes://{note_id}":
-                                break
-                    samples.append((time.perf_counter() - sent) * 1000)
-    samples.sort()
-    return {"events": len(samples), "p50_ms": round(statistics.median(samples), 1),
-            "p99_ms": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))], 1),
-            "max_ms": round(samples[-1], 1)}
+        return await delete_latencies(nodes[1].mcp_url, nodes[0].mcp_url, events)
 
 
 async def main() -> None:

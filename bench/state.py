@@ -44,28 +44,34 @@ async def completion(per_process: bool) -> dict[str, Any]:
     return {"completed": completed, "of": 100, "failed": len(failures)}
 
 
-async def event_latency(events: int) -> dict[str, Any]:
-    with running(new_appliance(3)) as app:
-        samples: list[float] = []
-        async with mcp_client(worker_url(app, 0), mode="2026-07-28") as (listener, _), \
-                mcp_client(worker_url(app, 2), mode="2026-07-28") as (writer, _):
-            ids = []
-            for k in range(events):
-                result = await writer.call_tool("add_note", {"title": f"event {k}", "body": "x"})
-                ids.append(int(result.structured_content["id"]))
-            async with listener.listen(resource_subscriptions=[f"notes://{i}" for i in ids]) as subscription:
-                for note_id in ids:
-                    sent = time.perf_counter()
-                    await writer.call_tool("delete_note", {"id": note_id})
-                    with anyio.fail_after(5):
-                        async for event in subscription:
-                            if getattr(event, "uri", None) == f"notes://{note_id}":
-                                break
-                    samples.append((time.perf_counter() - sent) * 1000)
+async def delete_latencies(listener_url: str, writer_url: str, events: int) -> dict[str, Any]:
+    """Add `events` notes through `writer_url`, then delete them one by one while a listen stream on
+    `listener_url` waits for each one's resources/updated: the delivery latency, in ms."""
+    samples: list[float] = []
+    async with mcp_client(listener_url, mode="2026-07-28") as (listener, _), \
+            mcp_client(writer_url, mode="2026-07-28") as (writer, _):
+        ids = []
+        for k in range(events):
+            result = await writer.call_tool("add_note", {"title": f"event {k}", "body": "x"})
+            ids.append(int(result.structured_content["id"]))
+        async with listener.listen(resource_subscriptions=[f"notes://{i}" for i in ids]) as subscription:
+            for note_id in ids:
+                sent = time.perf_counter()
+                await writer.call_tool("delete_note", {"id": note_id})
+                with anyio.fail_after(5):
+                    async for event in subscription:
+                        if getattr(event, "uri", None) == f"notes://{note_id}":
+                            break
+                samples.append((time.perf_counter() - sent) * 1000)
     samples.sort()
     return {"events": len(samples), "p50_ms": round(statistics.median(samples), 1),
             "p99_ms": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))], 1),
             "max_ms": round(samples[-1], 1)}
+
+
+async def event_latency(events: int) -> dict[str, Any]:
+    with running(new_appliance(3)) as app:
+        return await delete_latencies(worker_url(app, 0), worker_url(app, 2), events)
 
 
 async def rotation(ttl: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import pytest
 
 from appliance import pool
 from appliance.gate.sessions import parse_owner
-from tests.harness import Appliance, cleanup, http, new_appliance, wait_until
+from tests.harness import Appliance, cleanup, http, new_appliance
 from tests.integration.clients import eventually, legacy_request_headers, modern_request, probes
 from tests.integration.gatekit import audit_records
 from tests.integration.load import BackgroundLoad, Outcomes, RawSession, first_error
