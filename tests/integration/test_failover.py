@@ -29,7 +29,7 @@ import pytest
 
 from appliance import pool
 from appliance.gate.sessions import parse_owner
-from tests.harness import Appliance, cleanup, http, new_appliance
+from tests.harness import Appliance, http, new_appliance, running
 from tests.integration.clients import eventually, legacy_request_headers, modern_request, probes
 from tests.integration.gatekit import audit_records
 from tests.integration.load import BackgroundLoad, Outcomes, RawSession, first_error
@@ -57,11 +57,8 @@ FREE_AT = OUT_OF_POOL + SLACK + 0.5
 def appliance() -> Iterator[Appliance]:
     app = new_appliance(2, env={"PYTHONPATH": str(REPO)}, mcp={"app": "tests.integration.blocking_app:server"})
     app.settings["workers"].update(hang_timeout=HANG_TIMEOUT, read_timeout=READ_TIMEOUT)
-    try:
-        app.start().wait_healthy(timeout=60, workers=2)
+    with running(app):
         yield app
-    finally:
-        cleanup(app)
 
 
 @pytest.fixture

@@ -70,18 +70,23 @@ def limited(samples: dict[Any, float], limit: str) -> float:
 # --- per address and per principal -----------------------------------------------------------
 
 
+def with_keys(app: Appliance, principals: tuple[str, ...]) -> Iterator[tuple[Appliance, dict[str, str]]]:
+    """`app` in api_keys mode with a key per principal, started; stopped and removed afterwards."""
+    try:
+        app.settings["auth"]["keys_file"] = str(app.base / "keys.json")
+        write_config(app)
+        keys = {name: add_key(app, name) for name in principals}
+        yield start(app), keys
+    finally:
+        cleanup(app)
+
+
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[tuple[Appliance, dict[str, str]]]:
     app = new_appliance(2, auth={"mode": "api_keys"}, http={"trusted_proxies": ["127.0.0.1/32"]},
                         limits={"rate": RATE, "burst": BURST, "address_rate": RATE, "address_burst": BURST,
                                 "retry_after": RETRY_AFTER})
-    try:
-        app.settings["auth"]["keys_file"] = str(app.base / "keys.json")
-        write_config(app)
-        keys = {name: add_key(app, name) for name in ("alice", "bob", "carol")}
-        yield start(app), keys
-    finally:
-        cleanup(app)
+    yield from with_keys(app, ("alice", "bob", "carol"))
 
 
 def test_a_made_up_token_per_request_is_refused_by_the_address_limit(keyed: Any) -> None:
@@ -163,13 +168,7 @@ def sessions() -> Iterator[tuple[Appliance, dict[str, str]]]:
     # Nothing exempt: the test's clients on loopback are held to the caps like any other.
     app = new_appliance(1, auth={"mode": "api_keys"}, limits={"exempt": []},
                         mcp={"max_sessions_per_principal": PER_PRINCIPAL, "session_idle_timeout": IDLE})
-    try:
-        app.settings["auth"]["keys_file"] = str(app.base / "keys.json")
-        write_config(app)
-        keys = {name: add_key(app, name) for name in ("hog", "other", "idler")}
-        yield start(app), keys
-    finally:
-        cleanup(app)
+    yield from with_keys(app, ("hog", "other", "idler"))
 
 
 @pytest.mark.anyio
