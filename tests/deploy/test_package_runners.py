@@ -9,17 +9,13 @@ wheel through `uvx --from`, each installed into its cache under data_dir.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import json
 import os
 import pwd
 import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,13 +26,13 @@ from appliance.config import Settings, WorkersSettings
 from appliance.preflight import prepare_dirs
 from appliance.render import RenderContext, cli_command, render_all, write_files
 from appliance.supervisor import worker_program
+from tests.deploy.runner_packages import MARKER, npm_tarball, npx_argv, uvx_argv, wheel
 
 pytestmark = pytest.mark.deploy
 
 #: systemd's PATH for a unit (what supervisord inherits under systemd/mcp-appliance.service).
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SERVICE_USER = Settings().user
-MARKER = "hello from a stdio server package"
 
 
 @dataclasses.dataclass
@@ -96,50 +92,15 @@ def test_npx_and_uvx_answer_as_the_service_user_with_the_workers_environment(wor
 
 
 def test_npx_installs_and_runs_a_package_from_its_cache_under_the_data_dir(worker: Worker) -> None:
-    package = worker.base / "pkg"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps(
-        {"name": "hello-stdio-server", "version": "1.0.0", "bin": {"hello-stdio-server": "cli.js"}}))
-    (package / "cli.js").write_text(f"#!/usr/bin/env node\nconsole.log({json.dumps(MARKER)});\n")
-    packed = subprocess.run(["npm", "pack", "--silent", "--pack-destination", str(worker.base), str(package)],
-                            capture_output=True, text=True, timeout=120, cwd=worker.base,
-                            env={**worker.env, "npm_config_cache": str(worker.base / "pack-cache")})
-    assert packed.returncode == 0, packed.stderr
-    tarball = worker.base / packed.stdout.strip().splitlines()[-1]
-    tarball.chmod(0o644)
-    result = worker.run("npx", "-y", "--offline", f"--package={tarball}", "hello-stdio-server")
+    result = worker.run(*npx_argv(str(npm_tarball(worker.base))))
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert result.stdout.strip() == MARKER
     npx_dir = worker.settings.data_dir / ".npm" / "_npx"
     assert npx_dir.is_dir() and _owned_by_service_user(npx_dir)
 
 
-def _wheel(directory: Path) -> Path:
-    """A one-module wheel with a console script, written by hand (no build backend offline)."""
-    dist = "hello_stdio_server-1.0.dist-info"
-    files = {
-        "hello_stdio_server.py": f"def main():\n    print({MARKER!r})\n",
-        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: hello-stdio-server\nVersion: 1.0\n",
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        f"{dist}/entry_points.txt": "[console_scripts]\nhello-stdio-server = hello_stdio_server:main\n",
-    }
-    record = []
-    for name, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(text.encode())}")
-    record.append(f"{dist}/RECORD,,")
-    path = directory / "hello_stdio_server-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, text in files.items():
-            archive.writestr(name, text)
-        archive.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
-    path.chmod(0o644)
-    return path
-
-
 def test_uvx_installs_and_runs_a_wheel_from_its_cache_under_the_data_dir(worker: Worker) -> None:
-    wheel = _wheel(worker.base)
-    result = worker.run("uvx", "--offline", "--from", str(wheel), "hello-stdio-server")
+    result = worker.run(*uvx_argv(str(wheel(worker.base))))
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert result.stdout.strip() == MARKER
     cache = worker.settings.data_dir / ".cache" / "uv"
