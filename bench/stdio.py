@@ -265,7 +265,8 @@ def supergateway(server_bin: Path, gateway_bin: Path, stateful: bool) -> Iterato
 
 def appliance_config(server_bin: Path, isolation: str) -> dict[str, Any]:
     """The settings overrides: one stdio server, on its own path (the shape of issue 13's tables)."""
-    return {f"servers.{SERVER_NAME}": {"command": [str(server_bin)], "isolation": isolation}}
+    # max_children: room for every session of a run (--connections is at most 64) and the probe's.
+    return {f"servers.{SERVER_NAME}": {"command": [str(server_bin)], "isolation": isolation, "max_children": 80}}
 
 
 def appliance_refusal(server_bin: Path) -> str:

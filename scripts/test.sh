@@ -29,6 +29,12 @@ echo "== test venv ($TEST_VENV, Debian's python3 so the service user can run it)
 "$TEST_VENV/bin/pip" install -q --upgrade pip
 "$TEST_VENV/bin/pip" install -q ".[test]"
 
+echo "== npm packages for the stdio benchmark and its test ($TEST_VENV/npm)"
+# Node.js: Debian's, unless the machine has one already (another distribution's nodejs
+# package conflicts with Debian's npm).
+command -v npm >/dev/null || apt-get install -y -q --no-install-recommends nodejs npm >/dev/null
+npm install --prefix "$TEST_VENV/npm" --no-audit --no-fund --silent @modelcontextprotocol/server-everything supergateway
+
 echo "== tool venv ($MCP_TOOLS_VENV: ansible, linters, schema validators)"
 [ -x "$MCP_TOOLS_VENV/bin/python" ] || /usr/bin/python3 -m venv "$MCP_TOOLS_VENV"
 "$MCP_TOOLS_VENV/bin/pip" install -q -r tests/tools-requirements.txt
