@@ -1,0 +1,307 @@
+"""`stdio_app(spec)`: the ASGI app that serves one stdio server over Streamable HTTP, both eras."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import mcp_types as types
+from anyio.abc import TaskGroup
+from mcp.server.context import ServerRequestContext
+from mcp.server.session import ServerSession
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.subscriptions import InMemorySubscriptionBus
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
+from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ResourceUpdated, ToolsListChanged
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from starlette.types import Receive, Scope, Send
+
+from appliance.bridge import status
+from appliance.bridge.child import Child, ChildGone
+from appliance.bridge.children import Children, Refused
+from appliance.bridge.metrics import bridge_metrics
+from appliance.bridge.proxy import bridge_server
+from appliance.bridge.spec import StdioSpec
+from appliance.gate.responses import INTERNAL_ERROR, send_rpc_error
+
+logger = logging.getLogger("appliance.bridge")
+
+#: Seconds the children get to end when the worker stops.
+STOP_WAIT = 3.0
+
+_REQUESTS: dict[str, tuple[type[Any], type[Any]]] = {
+    "sampling/createMessage": (types.CreateMessageRequest, types.CreateMessageResult),
+    "elicitation/create": (types.ElicitRequest, types.ElicitResult),
+    "roots/list": (types.ListRootsRequest, types.ListRootsResult),
+}
+_CHANGES = {
+    "notifications/tools/list_changed": ToolsListChanged,
+    "notifications/prompts/list_changed": PromptsListChanged,
+    "notifications/resources/list_changed": ResourcesListChanged,
+}
+
+
+def stdio_app(spec: StdioSpec) -> Bridge:
+    """An ASGI app answering MCP at `spec.path` by bridging to `spec.command`'s children."""
+    return Bridge(spec)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _session_id(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    request = ctx.request
+    headers = getattr(request, "headers", None)
+    return headers.get("mcp-session-id") if headers is not None else None
+
+
+class BridgeSessionManager(StreamableHTTPSessionManager):
+    """The SDK's session manager, telling the bridge when a legacy session ends (DELETE, idle, crash).
+
+    `_discard_session` is the one place every session's end passes through; the SDK offers
+    no public hook for it, and the bridge must stop a session's child with the session.
+    """
+
+    def __init__(self, bridge: Bridge, **options: Any) -> None:
+        super().__init__(**options)
+        self._bridge = bridge
+
+    async def _discard_session(self, session_id: str, transport: Any) -> None:
+        await super()._discard_session(session_id, transport)
+        self._bridge.session_ended(session_id)
+
+    async def end_session(self, session_id: str) -> None:
+        """End a live session now: its next request gets 404 (re-initialize)."""
+        transport = self._server_instances.get(session_id)
+        if transport is not None:
+            await self._discard_session(session_id, transport)
+
+
+class Bridge:
+    """One stdio server in this worker: the SDK server in front, the children behind."""
+
+    def __init__(self, spec: StdioSpec) -> None:
+        self.spec = spec
+        self.metrics = bridge_metrics()
+        self.bus = InMemorySubscriptionBus()
+        self.children = Children(spec, self._ask, self._notify, self.metrics, self._child_gone)
+        #: session isolation: each legacy session's own child.
+        self.by_session: dict[str, Child] = {}
+        #: Each legacy session's latest ServerSession: its standalone (GET) stream for the child's notifications.
+        self.peers: dict[str, ServerSession] = {}
+        self._template: dict[str, Any] | None = None
+        self._tg: TaskGroup | None = None
+        self.server = bridge_server(spec.server, self._lease, self.bus, lambda: self._template, self._roots_changed)
+        self.manager = BridgeSessionManager(
+            self,
+            app=self.server,
+            json_response=spec.json_response,
+            stateless=not spec.sessions,
+            # The gate checks Host and Origin against the public names (see worker.hosted_app).
+            security_settings=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+            session_idle_timeout=spec.idle_timeout,
+            max_sessions=spec.max_sessions,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return self.children.status()
+
+    # -- ASGI -----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if scope["path"] != self.spec.path:
+            await send_rpc_error(send, 404, -32600, f"Not found: this server answers at {self.spec.path}")
+            return
+        if self.children.crash_looping:
+            self.metrics.refused.labels(self.spec.server, "crash_loop").inc()
+            await send_rpc_error(send, 503, INTERNAL_ERROR, f"stdio server {self.spec.server!r} is crash-looping: "
+                                 "its children keep dying; see the worker's log", data={"reason": "crash_loop"})
+            return
+        if self._opens_session(scope):
+            await self._open_session(scope, receive, send)
+            return
+        await self.manager.handle_request(scope, receive, send)
+
+    def _opens_session(self, scope: Scope) -> bool:
+        """A request that would open a legacy session of a `session` server (it needs a child of its own)."""
+        if self.spec.isolation != "session" or not self.spec.sessions or scope["method"] != "POST":
+            return False
+        if _header(scope, b"mcp-session-id") is not None:
+            return False
+        version = _header(scope, b"mcp-protocol-version")
+        return version is None or version in HANDSHAKE_PROTOCOL_VERSIONS
+
+    async def _open_session(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Start the session's child first (503 beyond max_children), bind it to the id the SDK issues."""
+        try:
+            child = await self.children.start()
+        except Refused as exc:
+            await send_rpc_error(send, 503, INTERNAL_ERROR, str(exc), data={"reason": exc.reason})
+            return
+        except ChildGone as exc:
+            await send_rpc_error(send, 503, INTERNAL_ERROR, str(exc), data={"reason": "child_gone"})
+            return
+        self._learn(child)
+        bound = False
+
+        async def bind(message: Any) -> None:
+            nonlocal bound
+            if message["type"] == "http.response.start" and message["status"] < 400:
+                sid = next((v.decode("latin-1") for k, v in message.get("headers", []) if k == b"mcp-session-id"), None)
+                if sid is not None and child.alive:
+                    self.by_session[sid] = child
+                    child.session_ids.add(sid)
+                    bound = True
+            await send(message)
+
+        try:
+            await self.manager.handle_request(scope, receive, bind)
+        finally:
+            if not bound:
+                child.stop()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            async with anyio.create_task_group() as tg, self.manager.run():
+                self._tg = tg
+                await self.children.run(tg)
+                status.register(self.spec.server, self)
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+                self.children.close()
+                with anyio.move_on_after(STOP_WAIT):
+                    while self.children.live:
+                        await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        except BaseException as exc:
+            logger.exception("stdio server %s: lifespan failed", self.spec.server)
+            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            raise
+        finally:
+            status.unregister(self.spec.server, self)
+        await send({"type": "lifespan.shutdown.complete"})
+
+    # -- which child serves a request -----------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, ctx: ServerRequestContext[Any, Any]) -> AsyncIterator[Child]:
+        sid = _session_id(ctx)
+        if sid is not None:
+            self.peers[sid] = ctx.session
+        if self.spec.isolation == "shared":
+            child = await self.children.shared()
+            self._learn(child)
+            if sid is not None:
+                child.session_ids.add(sid)
+            yield child
+            return
+        if sid is not None and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            child = self.by_session.get(sid)
+            if child is None or not child.alive:
+                raise ChildGone(f"stdio server {self.spec.server!r}: this session's child is gone")
+            yield child
+            return
+        async with self.children.pooled() as child:
+            self._learn(child)
+            yield child
+
+    def _learn(self, child: Child) -> None:
+        """Remember what the children answer to `initialize`, for the bridge's own answer."""
+        if self._template is None and child.initialize_result is not None:
+            self._template = child.initialize_result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+    def session_ended(self, session_id: str) -> None:
+        """A legacy session ended: forget it; a `session` server's child ends with it."""
+        self.peers.pop(session_id, None)
+        child = self.by_session.pop(session_id, None)
+        if child is not None:
+            child.stop()
+        for live in self.children.live:
+            live.session_ids.discard(session_id)
+
+    def _child_gone(self, child: Child) -> None:
+        """A child ended: the sessions it served end too (their next request gets 404)."""
+        for sid in list(child.session_ids):
+            if self._tg is not None:
+                self._tg.start_soon(self.manager.end_session, sid)
+        child.session_ids.clear()
+
+    async def _roots_changed(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        sid = _session_id(ctx)
+        child = self.by_session.get(sid) if sid else None
+        if child is None and self.spec.isolation == "shared":
+            child = self.children._shared
+        if child is not None:
+            await child.notify(types.RootsListChangedNotification())
+
+    # -- what the child sends -------------------------------------------------------------
+
+    async def _ask(self, child: Child, method: str, params: Any) -> Any:
+        """A request from the child (sampling, elicitation, roots) to the client it serves.
+
+        It goes on the stream of the one legacy request in flight on that child; with none in
+        flight, on the standalone stream of a `session` child's session. 2026-07-28 requests
+        cannot carry it (no server-to-client requests in that era; the bridge does not turn
+        it into a multi-round-trip result), nor can a shared child with several callers.
+        """
+        request_type, result_type = _REQUESTS[method]
+        request = request_type(params=params) if params is not None else request_type()
+        callers = [ctx for ctx in child.in_flight if ctx.session.can_send_request]
+        try:
+            if len(callers) == 1:
+                ctx = callers[0]
+                return await ctx.session.send_request(request, result_type,
+                                                      metadata=ServerMessageMetadata(related_request_id=ctx.request_id))
+            if not child.in_flight and self.spec.isolation == "session" and len(child.session_ids) == 1:
+                peer = self.peers.get(next(iter(child.session_ids)))
+                if peer is not None:
+                    return await peer.send_request(request, result_type)
+        except MCPError as exc:
+            return types.ErrorData(code=exc.code, message=exc.message, data=exc.data)
+        return types.ErrorData(code=types.INVALID_REQUEST,
+                               message=f"{method}: no client connection of this bridge can answer it")
+
+    async def _notify(self, child: Child, notification: types.ServerNotification) -> None:
+        """A notification from the child: list changes and resource updates to its sessions and to
+        2026-07-28 listeners; log messages to the requests in flight (else the sessions' streams)."""
+        method = notification.method
+        if method in _CHANGES:
+            await self.bus.publish(_CHANGES[method]())
+        elif method == "notifications/resources/updated":
+            await self.bus.publish(ResourceUpdated(uri=str(notification.params.uri)))
+        elif method != "notifications/message":
+            return
+        targets: list[tuple[ServerSession, Any]] = []
+        busy: set[int] = set()
+        if method == "notifications/message":
+            for ctx in child.in_flight:
+                busy.add(id(ctx.session))
+                if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                    p = notification.params
+                    with contextlib.suppress(Exception):
+                        await ctx.session.send_log_message(p.level, p.data, p.logger, related_request_id=ctx.request_id)
+                else:
+                    targets.append((ctx.session, ctx.request_id))
+        if not targets:
+            targets = [(self.peers[sid], None) for sid in list(child.session_ids) if sid in self.peers]
+        for session, related in targets:
+            try:
+                await session.send_notification(notification, related_request_id=related)
+            except Exception as exc:  # a client gone mid-send must not stop the others
+                logger.debug("stdio server %s: notification %s not delivered: %r", self.spec.server, method, exc)
