@@ -18,7 +18,7 @@ echo "== Debian packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-    nginx-light wrk python3 python3-venv python3-pip ca-certificates curl \
+    nginx-light wrk nodejs npm python3 python3-venv python3-pip ca-certificates curl \
     debootstrap systemd-container iproute2 util-linux tini shellcheck openssl postgresql >/dev/null
 
 # The appliance runs nginx itself (under supervisord); Debian's own nginx service is not ours to use.
@@ -28,6 +28,14 @@ echo "== test venv ($TEST_VENV, Debian's python3 so the service user can run it)
 [ -x "$TEST_VENV/bin/python" ] || /usr/bin/python3 -m venv "$TEST_VENV"
 "$TEST_VENV/bin/pip" install -q --upgrade pip
 "$TEST_VENV/bin/pip" install -q ".[test]"
+
+echo "== third-party MCP servers for the stdio bridge tests (tests/third_party.py finds them here)"
+npm install --prefix "$TEST_VENV/npm" --no-audit --no-fund --loglevel=error \
+    @modelcontextprotocol/server-everything @modelcontextprotocol/server-filesystem \
+    @modelcontextprotocol/server-memory supergateway >/dev/null
+# mcp-server-time pins its own mcp: a venv of its own.
+[ -x "$TEST_VENV/time-venv/bin/python" ] || /usr/bin/python3 -m venv "$TEST_VENV/time-venv"
+"$TEST_VENV/time-venv/bin/pip" install -q mcp-server-time
 
 echo "== tool venv ($MCP_TOOLS_VENV: ansible, linters, schema validators)"
 [ -x "$MCP_TOOLS_VENV/bin/python" ] || /usr/bin/python3 -m venv "$MCP_TOOLS_VENV"
