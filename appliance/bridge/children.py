@@ -2,10 +2,15 @@
 
 `shared` isolation keeps one child up for the worker's whole life (restarted when it
 dies); `session` isolation starts one per legacy session and keeps a small pool for
-2026-07-28 requests. Every child counts against `max_children`. Deaths nobody asked
-for are restarts; CRASH_LIMIT of them within CRASH_WINDOW seconds is a crash loop:
-the worker stops starting children for COOLDOWN seconds (then tries one), and says
-so in `status()` and the metrics.
+2026-07-28 requests. Every child counts against `max_children` until it has exited.
+Deaths nobody asked for are restarts; CRASH_LIMIT of them within CRASH_WINDOW seconds
+is a crash loop, reported in `status()` and the metrics, and not retried forever:
+
+- a shared server's worker gives up (like supervisord's FATAL): requests get 503 until
+  the worker is restarted (`mcp-appliance reload`, once the cause is fixed);
+- a session server refuses new sessions for COOLDOWN seconds, then accepts them again:
+  its children die with what their own clients make them do, and one client's crashing
+  sessions must not take the server from everyone for good.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -29,7 +35,7 @@ logger = logging.getLogger("appliance.bridge")
 #: Unasked deaths within CRASH_WINDOW seconds that make a crash loop.
 CRASH_LIMIT = 5
 CRASH_WINDOW = 60.0
-#: Seconds a crash-looping server waits before one more start.
+#: Seconds a crash-looping session server refuses new sessions.
 COOLDOWN = 60.0
 #: Backoff before the n-th restart in a row (the first is at once: the child is back within 2 s).
 BACKOFF = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -101,9 +107,10 @@ class Children:
         self._deaths.append(now)
         if len(self._deaths) == CRASH_LIMIT and now - self._deaths[0] <= CRASH_WINDOW:
             if not self.crash_looping:
-                logger.error("stdio server %s: %d children died within %.0fs: not starting more for %.0fs",
-                             self.spec.server, CRASH_LIMIT, CRASH_WINDOW, COOLDOWN, extra={"server": self.spec.tag})
-            self._cooldown_until = now + COOLDOWN
+                logger.error("stdio server %s: %d children died within %.0fs: %s", self.spec.server, CRASH_LIMIT,
+                             CRASH_WINDOW, f"no new sessions for {COOLDOWN:.0f}s" if self.spec.isolation == "session"
+                             else "not restarted again until the worker restarts", extra={"server": self.spec.tag})
+            self._cooldown_until = now + COOLDOWN if self.spec.isolation == "session" else math.inf
             self._deaths.clear()
             self._metrics.crash_looping.labels(self.spec.server).set(1)
 
@@ -169,6 +176,7 @@ class Children:
             raise ChildGone(f"stdio server {self.spec.server!r}: the child died as it started")
         self.live.add(child)
         self._metrics.children.labels(self.spec.server).set(len(self.live))
+        self._metrics.crash_looping.labels(self.spec.server).set(0)
         logger.info("stdio server %s: child %s started", self.spec.server, child.pid, extra={"server": self.spec.tag})
         return child
 
@@ -176,9 +184,7 @@ class Children:
 
     async def _keep_shared(self) -> None:
         """Keep the one shared child up: restart it with backoff, pause while crash-looping."""
-        while True:
-            if self.crash_looping:
-                await anyio.sleep(self._cooldown_until - time.monotonic())
+        while not self.crash_looping:
             try:
                 child = await self.start()
             except (Refused, ChildGone):
@@ -190,13 +196,12 @@ class Children:
             if child.stopping:
                 return
             await anyio.sleep(self._backoff())
+        self._set_shared(None)  # wakes the requests waiting for a child: they are refused now
 
     def _set_shared(self, child: Child | None) -> None:
         self._shared = child
         self._shared_changed.set()
         self._shared_changed = anyio.Event()
-        if not self.crash_looping:
-            self._metrics.crash_looping.labels(self.spec.server).set(0)
 
     async def shared(self, timeout: float = 30.0) -> Child:
         """The shared child, waiting for a (re)start in progress."""

@@ -207,3 +207,19 @@ async def test_thousand_session_cycles_leave_no_process_and_flat_rss() -> None:
         assert leftovers == [], f"processes left behind: {leftovers}"
         growth = (rss_after - rss_before) / 2**20
         assert growth < 8, f"bridge RSS grew {growth:.1f} MiB over 1,000 sessions ({rss_before >> 20} MiB before)"
+
+
+async def test_an_idle_session_child_ends_with_the_session_idle_timeout() -> None:
+    with hosted(command=["node", TINY], isolation="session", idle_timeout=1.0, json_response=True) as host:
+        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            response = await client.post(host.url, json=INITIALIZE, headers=LEGACY_HEADERS)
+            headers = {**LEGACY_HEADERS, "Mcp-Session-Id": response.headers["mcp-session-id"]}
+            await client.post(host.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+            called = await client.post(host.url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                                       "params": {"name": "ping", "arguments": {}}}, headers=headers)
+            pid = int(called.json()["result"]["content"][0]["text"].split()[1])
+            await eventually_true(lambda: not alive(pid), "the idle session's child ended", timeout=10)
+            gone = await client.post(host.url, json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
+                                     headers=headers)
+            assert gone.status_code == 404
+            await eventually_true(lambda: not guards(host.proc.pid), "its guard ended too", timeout=5)
