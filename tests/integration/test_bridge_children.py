@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import mcp_types as types
 import httpx2
 import psutil
 import pytest
@@ -223,3 +224,25 @@ async def test_an_idle_session_child_ends_with_the_session_idle_timeout() -> Non
                                      headers=headers)
             assert gone.status_code == 404
             await eventually_true(lambda: not guards(host.proc.pid), "its guard ended too", timeout=5)
+
+
+async def test_a_cancelled_call_is_cancelled_at_the_child(tiny: Host) -> None:
+    async with mcp_client(tiny.url, "legacy") as (client, _):
+        with anyio.move_on_after(1.0):
+            await client.call_tool("hang", {})
+        await eventually_true(lambda: "tiny: cancelled request" in tiny.log, "the child got notifications/cancelled")
+        assert not (await client.call_tool("ping", {})).is_error, "the session goes on after the cancellation"
+
+
+async def test_a_list_change_of_the_child_reaches_its_legacy_session(tiny: Host) -> None:
+    changes: list[object] = []
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changes.append(message)
+
+    async with mcp_client(tiny.url, "legacy", message_handler=on_message) as (client, wire):
+        with anyio.fail_after(30):
+            await wire.get_stream_opened.wait()
+        await client.call_tool("change", {})
+        await eventually_true(lambda: changes, "notifications/tools/list_changed from the child")
