@@ -246,3 +246,15 @@ async def test_a_list_change_of_the_child_reaches_its_legacy_session(tiny: Host)
             await wire.get_stream_opened.wait()
         await client.call_tool("change", {})
         await eventually_true(lambda: changes, "notifications/tools/list_changed from the child")
+
+
+async def test_a_list_change_of_the_child_reaches_a_2026_listener() -> None:
+    with hosted(command=["node", TINY], isolation="shared") as host:
+        async with mcp_client(host.url, MODERN_VERSION) as (listener, _), \
+                mcp_client(host.url, MODERN_VERSION) as (caller, _):
+            async with listener.listen(tools_list_changed=True) as subscription:
+                await caller.call_tool("change", {})
+                with anyio.fail_after(10):
+                    async for event in subscription:
+                        assert type(event).__name__ == "ToolsListChanged"
+                        break
