@@ -23,7 +23,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from appliance import __version__
-from appliance.bridge.metrics import BridgeMetrics
 from appliance.config import Settings
 from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir, storage_errors
 from appliance.runtime import live_worker_count
@@ -264,7 +263,6 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     watchdog = WatchdogMetrics("worker", registry)
     watchdog.unresponsive.labels("0")
     watchdog.hang_restarts.labels("0")
-    BridgeMetrics(registry).start("stdio")
     # The admin app's own process: its rate-limit counter shares its name with the workers'.
     edge = CollectorRegistry()
     EdgeEvents(edge)

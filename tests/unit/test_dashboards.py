@@ -50,8 +50,6 @@ MOVED_BY = {
         "tests/integration/test_alert_metrics.py::test_audit_records_that_cannot_be_written_are_counted",
     "mcp_appliance_storage_errors_total":
         "tests/integration/test_full_disk.py::test_a_full_data_disk_makes_add_note_say_storage_full_while_reads_work",
-    "mcp_appliance_stdio_crash_looping":
-        "tests/integration/test_bridge_supervision.py::test_a_crash_looping_server_is_reported_and_refused_with_503",
     "mcp_appliance_security_violations_total":
         "tests/integration/test_metrics.py::test_requests_tools_authz_and_violations_are_counted_by_label",
 }
