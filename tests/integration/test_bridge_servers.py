@@ -84,6 +84,28 @@ async def test_elicitation_from_the_child_reaches_a_legacy_session_client(everyt
     assert not result.is_error and "accept" in json.dumps(result.model_dump(mode="json"))
 
 
+async def test_sampling_from_the_child_reaches_a_legacy_session_client(everything: Appliance) -> None:
+    prompts: list[str] = []
+
+    async def sample(context: object, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        prompts.append(json.dumps(params.model_dump(mode="json")))
+        return types.CreateMessageResult(role="assistant", model="test-model",
+                                         content=types.TextContent(type="text", text="sampled by the test"))
+
+    async with mcp_client(everything.mcp_url, "legacy", sampling_callback=sample) as (client, _):
+        result = await client.call_tool("trigger-sampling-request", {"prompt": "say hi", "maxTokens": 10})
+    assert prompts and "say hi" in prompts[0]
+    assert not result.is_error and "sampled by the test" in json.dumps(result.model_dump(mode="json"))
+
+
+async def test_a_stateless_bridge_serves_legacy_clients_without_sessions() -> None:
+    with hosted(command=list(third_party.everything()), sessions=False, json_response=True) as host:
+        async with mcp_client(host.url, "legacy") as (client, wire):
+            echoed = await client.call_tool("echo", {"message": "no session"})
+        assert echoed.content[0].text == "Echo: no session"
+        assert wire.session_id is None
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Path]]:
     root = tmp_path_factory.mktemp("files")
