@@ -18,6 +18,7 @@ import psutil
 
 from tests.harness import Appliance, free_port_block, http, new_appliance, wait_until
 from tests.integration.bridge_apps import SPEC_VARIABLE
+from tests.integration.bridge_host import STATUS_PATH
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,10 +35,19 @@ class Host:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def status(self) -> dict[str, Any]:
+        """`bridge_status()` of the host's process, per server."""
+        base = self.url.split("/", 3)
+        status, _, body = http("GET", f"{base[0]}//{base[2]}{STATUS_PATH}")
+        assert status == 200, body
+        return json.loads(body)  # type: ignore[no-any-return]
+
 
 @contextlib.contextmanager
-def hosted(**spec: Any) -> Iterator[Host]:
-    """A bridge for `spec` (StdioSpec fields; env as a dict) served by hypercorn; killed after the block."""
+def hosted(*, wait_for_child: bool = True, **spec: Any) -> Iterator[Host]:
+    """A bridge for `spec` (StdioSpec fields; env as a dict) served by hypercorn; killed after the block.
+
+    A shared server's child is waited for unless `wait_for_child` is false (it never starts)."""
     base = Path(tempfile.mkdtemp(prefix="mcp-bridge-test-"))
     spec.setdefault("server", "test")
     spec.setdefault("path", "/mcp")
@@ -53,7 +63,7 @@ def hosted(**spec: Any) -> Iterator[Host]:
                 raise AssertionError(f"bridge_host exited with {proc.returncode}:\n{host.log}")
             return http("GET", f"http://127.0.0.1:{port}/", timeout=2)[0] == 404
         wait_until(answers, 30, "bridge host answering")
-        if spec.get("isolation", "shared") == "shared":
+        if spec.get("isolation", "shared") == "shared" and wait_for_child:
             wait_until(lambda: commands(proc.pid), 30, f"shared child of {spec['command'][0]} started")
         yield host
     finally:

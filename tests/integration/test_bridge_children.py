@@ -159,6 +159,8 @@ async def test_killed_shared_child_is_restarted_within_2s_and_its_sessions_get_4
     with hosted(command=["node", TINY], isolation="shared") as host:
         async with mcp_client(host.url, "legacy") as (client, wire):
             first = await child_pid(client)
+            assert host.status()["test"] == {"isolation": "shared", "children": 1, "max_children": 16, "up": True,
+                                             "restarts": 0, "crash_looping": False, "pids": [first]}
             os.kill(first, signal.SIGKILL)
             killed_at = time.monotonic()
 
@@ -172,6 +174,16 @@ async def test_killed_shared_child_is_restarted_within_2s_and_its_sessions_get_4
             assert status == 404, "a session of the dead child must re-initialize"
         async with mcp_client(host.url, MODERN_VERSION) as (modern, _):
             assert await child_pid(modern) == second
+        status = host.status()["test"]
+        assert status["restarts"] == 1 and status["pids"] == [second] and status["up"]
+
+
+async def test_a_crash_looping_shared_server_is_given_up_and_says_so_in_its_status() -> None:
+    with hosted(command=["sh", "-c", "exit 3"], isolation="shared", wait_for_child=False) as host:
+        status = await anyio.to_thread.run_sync(lambda: wait_until(
+            lambda: host.status()["test"]["crash_looping"] and host.status()["test"], 30, "the crash loop"))
+        assert status["restarts"] == 5 and status["children"] == 0 and not status["up"]
+        assert not guards(host.proc.pid), "given up: nothing is starting"
 
 
 async def test_thousand_session_cycles_leave_no_process_and_flat_rss() -> None:
