@@ -100,7 +100,9 @@ class Bridge:
         self.peers: dict[str, ServerSession] = {}
         self._template: dict[str, Any] | None = None
         self._tg: TaskGroup | None = None
-        self.server = bridge_server(spec.server, self._lease, self.bus, lambda: self._template, self._roots_changed)
+        #: Resource URIs each legacy session subscribed to (a child's updates go to those sessions only).
+        self.subscriptions: dict[str, set[str]] = {}
+        self.server = bridge_server(spec.server, self._lease, self.bus, self._initialize_result, self._roots_changed)
         self.manager = BridgeSessionManager(
             self,
             app=self.server,
@@ -204,6 +206,11 @@ class Bridge:
         sid = _session_id(ctx)
         if sid is not None:
             self.peers[sid] = ctx.session
+            uri = (ctx.params or {}).get("uri")
+            if ctx.method == "resources/subscribe" and isinstance(uri, str):
+                self.subscriptions.setdefault(sid, set()).add(uri)
+            elif ctx.method == "resources/unsubscribe" and isinstance(uri, str):
+                self.subscriptions.get(sid, set()).discard(uri)
         if self.spec.isolation == "shared":
             child = await self.children.shared()
             self._learn(child)
@@ -221,6 +228,13 @@ class Bridge:
             self._learn(child)
             yield child
 
+    async def _initialize_result(self) -> dict[str, Any] | None:
+        """The children's `initialize` answer (a shared server's first session waits for its child)."""
+        if self._template is None and self.spec.isolation == "shared":
+            with contextlib.suppress(Refused, ChildGone):
+                self._learn(await self.children.shared())
+        return self._template
+
     def _learn(self, child: Child) -> None:
         """Remember what the children answer to `initialize`, for the bridge's own answer."""
         if self._template is None and child.initialize_result is not None:
@@ -229,6 +243,7 @@ class Bridge:
     def session_ended(self, session_id: str) -> None:
         """A legacy session ended: forget it; a `session` server's child ends with it."""
         self.peers.pop(session_id, None)
+        self.subscriptions.pop(session_id, None)
         child = self.by_session.pop(session_id, None)
         if child is not None:
             child.stop()
@@ -252,56 +267,83 @@ class Bridge:
 
     # -- what the child sends -------------------------------------------------------------
 
+    def _caller(self, child: Child) -> ServerRequestContext[Any, Any] | None:
+        """The one client the child's requests in flight come from, when there is one that can be asked.
+
+        Every request in flight must be of the same legacy session: a shared child serving
+        several clients cannot say which one its server-to-client request or log is for, and
+        sending it to any of them would show one client another's traffic.
+        """
+        if not child.in_flight:
+            return None
+        sids = {_session_id(ctx) for ctx in child.in_flight}
+        last = child.in_flight[-1]
+        if len(child.in_flight) == 1 or (len(sids) == 1 and None not in sids):
+            return last if last.protocol_version not in MODERN_PROTOCOL_VERSIONS else None
+        return None
+
+    def _own_session(self, child: Child) -> ServerSession | None:
+        """A `session` child's one legacy session, when nothing is in flight (its standalone stream)."""
+        if child.in_flight or self.spec.isolation != "session" or len(child.session_ids) != 1:
+            return None
+        return self.peers.get(next(iter(child.session_ids)))
+
     async def _ask(self, child: Child, method: str, params: Any) -> Any:
         """A request from the child (sampling, elicitation, roots) to the client it serves.
 
-        It goes on the stream of the one legacy request in flight on that child; with none in
-        flight, on the standalone stream of a `session` child's session. 2026-07-28 requests
-        cannot carry it (no server-to-client requests in that era; the bridge does not turn
-        it into a multi-round-trip result), nor can a shared child with several callers.
+        It goes on the stream of the request in flight on that child when they all come from
+        one legacy session; with none in flight, on the standalone stream of a `session`
+        child's session. 2026-07-28 requests cannot carry it (that era has no server-to-client
+        requests, and the bridge does not turn it into a multi-round-trip result), nor can a
+        shared child with several callers: the child gets an error.
         """
         request_type, result_type = _REQUESTS[method]
         request = request_type(params=params) if params is not None else request_type()
-        callers = [ctx for ctx in child.in_flight if ctx.session.can_send_request]
         try:
-            if len(callers) == 1:
-                ctx = callers[0]
-                return await ctx.session.send_request(request, result_type,
-                                                      metadata=ServerMessageMetadata(related_request_id=ctx.request_id))
-            if not child.in_flight and self.spec.isolation == "session" and len(child.session_ids) == 1:
-                peer = self.peers.get(next(iter(child.session_ids)))
-                if peer is not None:
-                    return await peer.send_request(request, result_type)
+            caller = self._caller(child)
+            if caller is not None and caller.session.can_send_request:
+                return await caller.session.send_request(
+                    request, result_type, metadata=ServerMessageMetadata(related_request_id=caller.request_id))
+            peer = self._own_session(child)
+            if peer is not None:
+                return await peer.send_request(request, result_type)
         except MCPError as exc:
             return types.ErrorData(code=exc.code, message=exc.message, data=exc.data)
         return types.ErrorData(code=types.INVALID_REQUEST,
-                               message=f"{method}: no client connection of this bridge can answer it")
+                               message=f"{method}: no single client of this bridge can answer it")
 
     async def _notify(self, child: Child, notification: types.ServerNotification) -> None:
-        """A notification from the child: list changes and resource updates to its sessions and to
-        2026-07-28 listeners; log messages to the requests in flight (else the sessions' streams)."""
+        """A notification from the child: list changes to all its sessions and to 2026-07-28
+        listeners; resource updates to the sessions that subscribed; log messages to the one
+        client it serves (the caller in flight, else a `session` child's session)."""
         method = notification.method
         if method in _CHANGES:
             await self.bus.publish(_CHANGES[method]())
+            await self._send(notification, [(self.peers[sid], None) for sid in child.session_ids if sid in self.peers])
         elif method == "notifications/resources/updated":
-            await self.bus.publish(ResourceUpdated(uri=str(notification.params.uri)))
-        elif method != "notifications/message":
-            return
-        targets: list[tuple[ServerSession, Any]] = []
-        busy: set[int] = set()
-        if method == "notifications/message":
-            for ctx in child.in_flight:
-                busy.add(id(ctx.session))
-                if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-                    p = notification.params
-                    with contextlib.suppress(Exception):
-                        await ctx.session.send_log_message(p.level, p.data, p.logger, related_request_id=ctx.request_id)
-                else:
-                    targets.append((ctx.session, ctx.request_id))
-        if not targets:
-            targets = [(self.peers[sid], None) for sid in list(child.session_ids) if sid in self.peers]
+            uri = str(notification.params.uri)
+            await self.bus.publish(ResourceUpdated(uri=uri))
+            await self._send(notification, [(self.peers[sid], None) for sid in child.session_ids
+                                            if sid in self.peers and uri in self.subscriptions.get(sid, ())])
+        elif method == "notifications/message":
+            modern = [ctx for ctx in child.in_flight if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS]
+            if len(child.in_flight) == 1 and modern:
+                p = notification.params
+                with contextlib.suppress(Exception):  # the request may just have ended
+                    await modern[0].session.send_log_message(p.level, p.data, p.logger,
+                                                             related_request_id=modern[0].request_id)
+                return
+            caller = self._caller(child)
+            if caller is not None:
+                await self._send(notification, [(caller.session, caller.request_id)])
+            elif (peer := self._own_session(child)) is not None:
+                await self._send(notification, [(peer, None)])
+            else:
+                logger.debug("stdio server %s: a log message with no single client to go to", self.spec.server)
+
+    async def _send(self, notification: types.ServerNotification, targets: list[tuple[ServerSession, Any]]) -> None:
         for session, related in targets:
             try:
                 await session.send_notification(notification, related_request_id=related)
             except Exception as exc:  # a client gone mid-send must not stop the others
-                logger.debug("stdio server %s: notification %s not delivered: %r", self.spec.server, method, exc)
+                logger.debug("stdio server %s: %s not delivered: %r", self.spec.server, notification.method, exc)

@@ -58,7 +58,7 @@ def child_params(params: Any) -> dict[str, Any] | None:
 
 
 def bridge_server(name: str, lease: Lease, bus: InMemorySubscriptionBus,
-                  capabilities: Callable[[], dict[str, Any] | None],
+                  capabilities: Callable[[], Awaitable[dict[str, Any] | None]],
                   on_roots_changed: Callable[[ServerRequestContext[Any, Any]], Awaitable[None]]) -> Server[Any]:
     """The lowlevel server that forwards every MCP request to the child `lease` picks."""
 
@@ -90,7 +90,7 @@ def bridge_server(name: str, lease: Lease, bus: InMemorySubscriptionBus,
         result = await call_next(ctx)
         if ctx.method != "initialize" or not isinstance(result, dict):
             return result
-        child = capabilities()
+        child = await capabilities()
         if child is not None:
             caps = child.get("capabilities") or {}
             result["capabilities"] = {k: v for k, v in caps.items() if k in PROXIED_CAPABILITIES}
