@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import mcp_types as types
 import pytest
 
@@ -138,3 +139,38 @@ async def test_time_server_from_pypi_answers_in_both_eras(clock: Host, mode: str
         result = await client.call_tool("get_current_time", {"timezone": "Europe/Paris"})
     assert not result.is_error, result
     assert json.loads(result.content[0].text)["timezone"] == "Europe/Paris"
+
+
+async def test_a_shared_childs_elicitation_never_reaches_another_client() -> None:
+    with hosted(command=list(third_party.everything()), isolation="shared") as host:
+        asked_bystander: list[str] = []
+
+        async def bystander_answer(context: object, params: types.ElicitRequestParams) -> types.ElicitResult:
+            asked_bystander.append(params.message)
+            return types.ElicitResult(action="decline")
+
+        asked_asker: list[str] = []
+
+        async def asker_answer(context: object, params: types.ElicitRequestParams) -> types.ElicitResult:
+            asked_asker.append(params.message)  # with two callers on the child, the bridge cannot tell whose
+            return types.ElicitResult(action="decline")
+
+        in_flight = anyio.Event()
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            in_flight.set()
+
+        async with mcp_client(host.url, "legacy", elicitation_callback=bystander_answer) as (bystander, _), \
+                mcp_client(host.url, "legacy", elicitation_callback=asker_answer) as (asker, _):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: bystander.call_tool("trigger-long-running-operation", {"duration": 4, "steps": 4},
+                                                          progress_callback=on_progress))
+                with anyio.fail_after(10):
+                    await in_flight.wait()  # the bystander's call is in flight on the shared child
+                try:
+                    result = await asker.call_tool("trigger-elicitation-request", {})
+                except Exception as exc:  # the child may fail the call on the refused elicitation
+                    result = exc
+        assert asked_bystander == [], "another client's elicitation reached the bystander"
+        assert asked_asker == [], "a guess: the bridge cannot know the elicitation is the asker's"
+        assert isinstance(result, Exception) or result.is_error, result
