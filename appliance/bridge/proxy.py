@@ -63,11 +63,11 @@ def bridge_server(name: str, lease: Lease, bus: InMemorySubscriptionBus,
     """The lowlevel server that forwards every MCP request to the child `lease` picks."""
 
     async def forward(ctx: ServerRequestContext[Any, Any], _typed: Any) -> HandlerResult:
-        meta = ctx.meta or {}
-        on_progress = None
-        if meta.get("progress_token") is not None:
-            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                await ctx.session.report_progress(progress, total, message)
+        async def report(progress: float, total: float | None, message: str | None) -> None:
+            await ctx.session.report_progress(progress, total, message)
+
+        # Only when the client asked: the SDK client then gives the child a token of its own.
+        on_progress = report if (ctx.meta or {}).get("progress_token") is not None else None
         try:
             async with lease(ctx) as child:
                 child.in_flight.append(ctx)

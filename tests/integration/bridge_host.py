@@ -7,7 +7,6 @@ appliance path goes through `bridge_apps:app` as `mcp.app`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys

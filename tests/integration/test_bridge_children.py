@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -16,10 +15,9 @@ import psutil
 import pytest
 
 from tests import third_party
-from tests.harness import Appliance, http, running, wait_until
-from tests.integration.bridgekit import Host, alive, bridged_appliance, commands, guards, hosted
-from tests.integration.clients import LEGACY_VERSION, MODERN_VERSION, mcp_client, modern_request
-from tests.integration.test_metrics import scrape, total
+from tests.harness import http, wait_until
+from tests.integration.bridgekit import Host, alive, commands, guards, hosted
+from tests.integration.clients import LEGACY_VERSION, MODERN_VERSION, mcp_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
