@@ -8,6 +8,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.harness import Appliance, http, running, wait_until
@@ -87,3 +88,14 @@ def test_a_crash_looping_server_is_reported_and_refused_with_503(crashing: Appli
     assert error["data"]["reason"] == "crash_loop" and "crash-looping" in error["message"]
     # Not retried in a hot loop: nothing is starting now.
     assert not commands(worker)
+
+
+def test_stopping_the_appliance_ends_every_child() -> None:
+    marker = f"stop-{os.getpid()}"
+    app = bridged_appliance(1, command=["node", TINY, marker], isolation="shared")
+    with running(app):
+        wait_until(lambda: commands(app.worker_pid(0)), 30, "the worker's child started")
+        child = commands(app.worker_pid(0))[0].pid
+    # running() stopped the appliance (SIGTERM to supervisord, which stops the worker).
+    wait_until(lambda: not alive(child), 5, "the child ended with the appliance")
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])]
