@@ -128,7 +128,8 @@ class Bridge:
         if scope["path"] != self.spec.path:
             await send_rpc_error(send, 404, -32600, f"Not found: this server answers at {self.spec.path}")
             return
-        if self.children.crash_looping:
+        # A crash-looping session server still serves the sessions it has; only new ones are refused.
+        if self.children.crash_looping and self.spec.isolation == "shared":
             self.metrics.refused.labels(self.spec.server, "crash_loop").inc()
             await send_rpc_error(send, 503, INTERNAL_ERROR, f"stdio server {self.spec.server!r} is crash-looping: "
                                  "its children keep dying; see the worker's log", data={"reason": "crash_loop"})
@@ -179,21 +180,24 @@ class Bridge:
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
         assert message["type"] == "lifespan.startup"
+        started = False
         try:
             async with anyio.create_task_group() as tg, self.manager.run():
                 self._tg = tg
                 await self.children.run(tg)
                 status.register(self.spec.server, self)
                 await send({"type": "lifespan.startup.complete"})
+                started = True
                 await receive()  # lifespan.shutdown
                 self.children.close()
                 with anyio.move_on_after(STOP_WAIT):
                     while self.children.live:
                         await anyio.sleep(0.05)
                 tg.cancel_scope.cancel()
-        except BaseException as exc:
+        except Exception as exc:
             logger.exception("stdio server %s: lifespan failed", self.spec.server)
-            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            await send({"type": "lifespan.shutdown.failed" if started else "lifespan.startup.failed",
+                        "message": repr(exc)})
             raise
         finally:
             status.unregister(self.spec.server, self)
