@@ -18,7 +18,7 @@ echo "== Debian packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-    nginx-light wrk nodejs npm python3 python3-venv python3-pip ca-certificates curl \
+    nginx-light wrk python3 python3-venv python3-pip ca-certificates curl \
     debootstrap systemd-container iproute2 util-linux tini shellcheck openssl postgresql >/dev/null
 
 # The appliance runs nginx itself (under supervisord); Debian's own nginx service is not ours to use.
@@ -30,6 +30,9 @@ echo "== test venv ($TEST_VENV, Debian's python3 so the service user can run it)
 "$TEST_VENV/bin/pip" install -q ".[test]"
 
 echo "== third-party MCP servers for the stdio bridge tests (tests/third_party.py finds them here)"
+# Debian's nodejs and npm unless a Node.js with its own npm is there already (NodeSource's
+# nodejs bundles npm and conflicts with Debian's npm package).
+command -v npm >/dev/null || apt-get install -y -q --no-install-recommends nodejs npm >/dev/null
 npm install --prefix "$TEST_VENV/npm" --no-audit --no-fund --loglevel=error \
     @modelcontextprotocol/server-everything @modelcontextprotocol/server-filesystem \
     @modelcontextprotocol/server-memory supergateway >/dev/null
