@@ -35,7 +35,7 @@ echo "== third-party MCP servers for the stdio bridge tests (tests/third_party.p
 command -v npm >/dev/null || apt-get install -y -q --no-install-recommends nodejs npm >/dev/null
 npm install --prefix "$TEST_VENV/npm" --no-audit --no-fund --loglevel=error \
     @modelcontextprotocol/server-everything @modelcontextprotocol/server-filesystem \
-    @modelcontextprotocol/server-memory supergateway >/dev/null
+    supergateway >/dev/null
 # mcp-server-time pins its own mcp: a venv of its own.
 [ -x "$TEST_VENV/time-venv/bin/python" ] || /usr/bin/python3 -m venv "$TEST_VENV/time-venv"
 "$TEST_VENV/time-venv/bin/pip" install -q mcp-server-time

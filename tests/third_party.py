@@ -28,11 +28,6 @@ def filesystem(*roots: str) -> tuple[str, ...]:
     return (_require(NPM_BIN / "mcp-server-filesystem"), *roots)
 
 
-def memory() -> tuple[str, ...]:
-    """@modelcontextprotocol/server-memory (a knowledge graph: state per process)."""
-    return (_require(NPM_BIN / "mcp-server-memory"),)
-
-
 def time_server() -> tuple[str, ...]:
     """mcp-server-time from PyPI, in its own venv (it pins its own mcp)."""
     return (_require(TIME_VENV / "bin" / "mcp-server-time"), "--local-timezone", "UTC")
