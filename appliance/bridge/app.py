@@ -26,6 +26,7 @@ from appliance.bridge.child import Child, ChildGone
 from appliance.bridge.children import Children, Refused
 from appliance.bridge.metrics import bridge_metrics
 from appliance.bridge.proxy import bridge_server
+from appliance.bridge.rounds import Replay
 from appliance.bridge.spec import StdioSpec
 from appliance.gate.responses import INTERNAL_ERROR, send_rpc_error
 
@@ -102,7 +103,10 @@ class Bridge:
         self._tg: TaskGroup | None = None
         #: Resource URIs each legacy session subscribed to (a child's updates go to those sessions only).
         self.subscriptions: dict[str, set[str]] = {}
-        self.server = bridge_server(spec.server, self._lease, self.bus, self._initialize_result, self._roots_changed)
+        #: The 2026-07-28 calls in flight that can answer a child's question by a new round, by id(ctx).
+        self.replays: dict[int, Replay] = {}
+        self.server = bridge_server(spec.server, self._lease, self.bus, self._initialize_result, self._roots_changed,
+                                    self.replays)
         self.manager = BridgeSessionManager(
             self,
             app=self.server,
@@ -295,14 +299,19 @@ class Bridge:
     async def _ask(self, child: Child, method: str, params: Any) -> Any:
         """A request from the child (sampling, elicitation, roots) to the client it serves.
 
-        It goes on the stream of the request in flight on that child when they all come from
-        one legacy session; with none in flight, on the standalone stream of a `session`
-        child's session. 2026-07-28 requests cannot carry it (that era has no server-to-client
-        requests, and the bridge does not turn it into a multi-round-trip result), nor can a
-        shared child with several callers: the child gets an error.
+        A 2026-07-28 call that is the child's only one in flight answers it by multi-round-trip
+        (rounds.py). Otherwise it goes on the stream of the request in flight on that child
+        when they all come from one legacy session; with none in flight, on the standalone
+        stream of a `session` child's session. A shared child with several callers cannot
+        say whose question it is: the child gets an error.
         """
         request_type, result_type = _REQUESTS[method]
         request = request_type(params=params) if params is not None else request_type()
+        if len(child.in_flight) == 1 and (replay := self.replays.get(id(child.in_flight[0]))) is not None:
+            answer = await replay.answer(request)
+            if answer is None:
+                return types.ErrorData(code=types.INTERNAL_ERROR, message="the client is asked in a new round")
+            return result_type.model_validate(answer, by_name=False)
         try:
             caller = self._caller(child)
             if caller is not None and caller.session.can_send_request:

@@ -71,7 +71,9 @@ async def test_progress_of_a_long_running_tool_reaches_the_client(everything: Ap
     assert seen == [(1.0, 4.0), (2.0, 4.0), (3.0, 4.0), (4.0, 4.0)]
 
 
-async def test_elicitation_from_the_child_reaches_a_legacy_session_client(everything: Appliance) -> None:
+@pytest.mark.parametrize("mode", ERAS)
+async def test_elicitation_from_the_child_reaches_the_client(everything: Appliance, mode: str) -> None:
+    """Legacy: on the call's stream. 2026-07-28: as a multi-round-trip result, the retry on any worker."""
     asked: list[str] = []
 
     async def answer(context: object, params: types.ElicitRequestParams) -> types.ElicitResult:
@@ -79,13 +81,14 @@ async def test_elicitation_from_the_child_reaches_a_legacy_session_client(everyt
         return types.ElicitResult(action="accept", content={"color": "blue", "name": "Ada", "check": True,
                                                             "email": "ada@example.com", "integer": 3})
 
-    async with mcp_client(everything.mcp_url, "legacy", elicitation_callback=answer) as (client, _):
+    async with mcp_client(everything.mcp_url, mode, elicitation_callback=answer) as (client, _):
         result = await client.call_tool("trigger-elicitation-request", {})
     assert asked, "the child's elicitation/create reached the client"
     assert not result.is_error and "accept" in json.dumps(result.model_dump(mode="json"))
 
 
-async def test_sampling_from_the_child_reaches_a_legacy_session_client(everything: Appliance) -> None:
+@pytest.mark.parametrize("mode", ERAS)
+async def test_sampling_from_the_child_reaches_the_client(everything: Appliance, mode: str) -> None:
     prompts: list[str] = []
 
     async def sample(context: object, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
@@ -93,7 +96,7 @@ async def test_sampling_from_the_child_reaches_a_legacy_session_client(everythin
         return types.CreateMessageResult(role="assistant", model="test-model",
                                          content=types.TextContent(type="text", text="sampled by the test"))
 
-    async with mcp_client(everything.mcp_url, "legacy", sampling_callback=sample) as (client, _):
+    async with mcp_client(everything.mcp_url, mode, sampling_callback=sample) as (client, _):
         result = await client.call_tool("trigger-sampling-request", {"prompt": "say hi", "maxTokens": 10})
     assert prompts and "say hi" in prompts[0]
     assert not result.is_error and "sampled by the test" in json.dumps(result.model_dump(mode="json"))

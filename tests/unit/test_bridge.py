@@ -59,3 +59,36 @@ def test_guard_ends_a_process_that_left_the_group_when_the_command_exits() -> No
     while _alive(sleeper) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not _alive(sleeper), "the escaped process outlived the guard"
+
+
+def test_a_replay_carries_the_clients_answers_in_order_and_refuses_a_foreign_state() -> None:
+    import anyio
+    import mcp_types as types
+    from mcp.shared.exceptions import MCPError
+
+    from appliance.bridge.rounds import Replay
+
+    question = types.ListRootsRequest()
+
+    async def rounds() -> None:
+        first = Replay.from_params({"name": "t"})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first.answer, question)
+            await first.asked.wait()
+            first.ended.set()
+        asked = first.input_required()
+        assert asked["resultType"] == "input_required" and list(asked["inputRequests"]) == ["r0"]
+        second = Replay.from_params({"requestState": asked["requestState"], "inputResponses": {"r0": {"roots": []}}})
+        assert await second.answer(question) == {"roots": []}
+
+    anyio.run(rounds)
+    with pytest.raises(MCPError, match="Invalid or expired requestState"):
+        Replay.from_params({"requestState": "sealed-by-someone-else", "inputResponses": {}})
+    with pytest.raises(MCPError, match="must answer 'r0'"):
+        Replay.from_params({"requestState": asked_state(), "inputResponses": {}})
+
+
+def asked_state() -> str:
+    from appliance.bridge.rounds import STATE_PREFIX
+
+    return STATE_PREFIX + "W10="  # base64 of []
