@@ -123,6 +123,10 @@ def run_worker(settings: Settings, index: int) -> None:
     die_with_supervisord(settings.run_dir, f"worker-{index:02d}", settings.workers.graceful_timeout + STOP_MARGIN)
     stay_reachable_by_the_watchdog()
     stats = WorkerStats(index=index)
+    tracing = None
+    if settings.tracing.enabled:  # imported only when on: a worker with tracing off loads no OpenTelemetry SDK
+        from appliance.tracing import setup_tracing
+        tracing = setup_tracing(settings, f"worker-{index:02d}", index)
     app = build_gate(hosted_app(settings, index), settings, index, stats)
     config = hypercorn_config(settings, index)
     # Everything built so far (the SDK's and the hosted app's modules, models, schemas) lives
@@ -147,8 +151,12 @@ def run_worker(settings: Settings, index: int) -> None:
         await serve(app, config, shutdown_trigger=stopped)  # type: ignore[arg-type]
 
     try:
-        import uvloop
-    except ImportError:  # uvloop is optional: plain asyncio works, a little slower
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+        try:
+            import uvloop
+        except ImportError:  # uvloop is optional: plain asyncio works, a little slower
+            asyncio.run(main())
+        else:
+            uvloop.run(main())
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # the spans of the last requests (bounded by tracing.export_timeout)
