@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry
 
-from appliance.config import ConfigError, LimitsSettings, Settings, TracingSettings
+from appliance.config import ConfigError, LimitsSettings, Settings, TracingSettings, load_settings
 from appliance.gate import WorkerStats, build_gate
 from appliance.gate.services import GateServices
 from appliance.gate.tracing import ServerSpan
@@ -131,3 +131,12 @@ def test_tracing_off_adds_no_layer_and_on_adds_the_server_span() -> None:
     on = build_gate(hosted, dataclasses.replace(base, tracing=TracingSettings(enabled=True)), 0, WorkerStats(index=0),
                     services())
     assert ServerSpan in layers(on)
+
+
+def test_the_readmes_tracing_example_is_a_valid_config(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("## Tracing", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "appliance.toml"
+    path.write_text(block)
+    settings = load_settings(path, {})
+    assert settings.tracing.enabled and settings.tracing.sample_ratio == 0.1
