@@ -61,7 +61,7 @@ def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats,
         from appliance.gate.tracing import MetaParent, ServerSpan
         tracer = trace.get_tracer("mcp-appliance")
         # Inside Outcome (its record has the span's trace id); the body's `_meta` parent is read after JsonRpcBody.
-        layers.insert(layers.index(outcome) + 1, lambda a: ServerSpan(a, tracer, index))
+        layers.insert(layers.index(outcome) + 1, lambda a: ServerSpan(a, tracer, index, mcp.path))
         layers.insert(layers.index(body) + 1, MetaParent)
     if s.audit is not None and audit_refuses(settings):
         # Last, right before the hosted app: a call whose record would have no room never runs.

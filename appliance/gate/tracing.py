@@ -49,13 +49,17 @@ class RequestTrace:
 class ServerSpan:
     """Opens (from a `traceparent` header), annotates and ends the server span of every HTTP request."""
 
-    def __init__(self, app: ASGIApp, tracer: Tracer, worker: int) -> None:
+    def __init__(self, app: ASGIApp, tracer: Tracer, worker: int, path: str) -> None:
         self.app = app
         self.tracer = tracer
         self.worker = worker
+        self.path = path.rstrip("/")
 
     def open(self, scope: Scope, rt: RequestTrace, parent: Context | None) -> trace.Span:
-        span = self.tracer.start_span(f"{scope['method']} {scope['path']}", context=parent or Context(),
+        # Named for the route, not the path a client chose: span names must stay few.
+        path = scope["path"]
+        route = self.path if path == self.path or path.startswith(self.path + "/") else "other"
+        span = self.tracer.start_span(f"{scope['method']} {route}", context=parent or Context(),
                                       kind=SpanKind.SERVER, start_time=rt.start_ns,
                                       attributes={"http.request.method": scope["method"], "url.path": scope["path"],
                                                   WORKER: self.worker})

@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from tests.harness import Appliance, free_port_block, http, new_appliance, running, wait_until
-from tests.integration.clients import modern_request
+from tests.integration.clients import LEGACY_VERSION, legacy_request_headers, modern_request
 from tests.integration.gatekit import add_key, audit_records, bearer, call, write_config
 from tests.integration.test_metrics import scrape, total
 
@@ -314,3 +314,22 @@ def test_tracing_off_records_no_trace_id() -> None:
         assert "trace_id" not in record
         assert not any(n.startswith("mcp_appliance_trace_") for n, _ in scrape(app))
 
+
+
+def test_a_call_in_a_legacy_session_puts_the_sdks_span_under_its_own_gate_span(traced: Any) -> None:
+    app, rec, keys = traced
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    base = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream", **bearer(keys["math"])}
+    init_tp, init_trace, _ = new_traceparent()
+    status, headers, _ = http("POST", app.mcp_url, init, {**base, "traceparent": init_tp})
+    assert status == 200
+    session = {**legacy_request_headers(headers["mcp-session-id"]), **bearer(keys["math"])}
+    assert http("POST", app.mcp_url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)[0] == 202
+    traceparent, trace_id, client_span = new_traceparent()
+    status, _, _ = http("POST", app.mcp_url, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                              "params": {"name": "add", "arguments": {"a": 1, "b": 2}}},
+                        {**session, "traceparent": traceparent})
+    assert status == 200
+    gate, sdk = server_and_sdk_spans(rec, trace_id)
+    assert gate.parent_span_id == client_span and sdk.parent_span_id == gate.span_id
