@@ -105,7 +105,9 @@ class MetaParent:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state") or {}
         rt: RequestTrace | None = state.get(STATE_KEY)
-        if rt is None or rt.span is not None or scope["type"] != "http" or scope["method"] != "POST":
+        ex = exchange(scope)
+        # Only a JSON-RPC body JsonRpcBody parsed (it replays it as one message) can name a parent.
+        if rt is None or rt.span is not None or ex is None or ex.rpc is None:
             await self.app(scope, receive, send)
             return
         body = await read_body(receive)  # JsonRpcBody replays the whole body as one message: no copy
