@@ -194,7 +194,8 @@ class Tracing:
         flushing.join(self.timeout)
 
 
-def setup_tracing(settings: Settings, process: str, worker: int | None = None) -> Tracing | None:
+def setup_tracing(settings: Settings, process: str, worker: int | None = None,
+                  metrics: TraceMetrics | None = None) -> Tracing | None:
     """Install the OpenTelemetry SDK for this process when tracing is on (None when off: nothing installed)."""
     t = settings.tracing
     if not t.enabled:
@@ -205,7 +206,7 @@ def setup_tracing(settings: Settings, process: str, worker: int | None = None) -
     exporter = OTLPSpanExporter(endpoint=t.endpoint, headers=read_headers(t.headers_file), timeout=t.export_timeout)
     provider = TracerProvider(resource=resource(settings, process, worker),
                               sampler=ParentBased(TraceIdRatioBased(t.sample_ratio)), shutdown_on_exit=False)
-    provider.add_span_processor(CountingProcessor(exporter, TraceMetrics(), t.queue_size, t.export_timeout))
+    provider.add_span_processor(CountingProcessor(exporter, metrics or TraceMetrics(), t.queue_size, t.export_timeout))
     trace.set_tracer_provider(provider)
     propagate.set_global_textmap(ContinuingPropagator())
     logger.info("tracing on: spans of %s go to %s (sample ratio %s)", process, t.endpoint, t.sample_ratio)

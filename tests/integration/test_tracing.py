@@ -312,7 +312,9 @@ def test_tracing_off_records_no_trace_id() -> None:
         assert status == 200
         record = wait_until(lambda: [r for r in audit_records(app) if r["request_id"] == "off-1"], 10, "record")[0]
         assert "trace_id" not in record
-        assert not any(n.startswith("mcp_appliance_trace_") for n, _ in scrape(app))
+        samples = scrape(app)
+        assert total(samples, "mcp_appliance_trace_spans_exported_total") == 0  # exported at 0 for the alert
+        assert total(samples, "mcp_appliance_trace_spans_dropped_total") == 0
 
 
 
