@@ -221,8 +221,6 @@ class Operator:
         """Let supervisord restart the admin app (TERM; autorestart brings it back)."""
         self.supervisor.signal("admin", "TERM")
 
-    # -- building blocks (the lock is held) ------------------------------------------
-
     @contextlib.contextmanager
     def _span(self, name: str, attributes: dict[str, Any]) -> Iterator[None]:
         """The operation as a span (tracing on; the API's no-op otherwise); a failure is its error status."""
@@ -232,6 +230,8 @@ class Operator:
             yield
             span.set_attributes({"mcp_appliance.workers": self.result.workers,
                                  "mcp_appliance.operation.seconds": self.result.seconds})
+
+    # -- building blocks (the lock is held) ------------------------------------------
 
     @contextlib.contextmanager
     def _operation(self, name: str) -> Iterator[RuntimeState]:

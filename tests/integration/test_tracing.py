@@ -269,6 +269,15 @@ def test_a_scale_operation_is_a_span(traced: Any) -> None:
     assert span.resource.get("mcp_appliance.worker.index") is None  # the admin app's
 
 
+def test_a_scale_from_the_command_line_is_a_span_too(traced: Any) -> None:
+    app, rec, _ = traced
+    result = app.command("scale", "2")
+    assert result.returncode == 0, result.stderr
+    spans = wait_until(lambda: [s for s in list(rec.spans) if s.name == "mcp_appliance.scale"
+                                and str(s.resource.get("service.instance.id")).endswith("/cli")], 20, "the CLI's span")
+    assert spans[0].attributes["mcp_appliance.workers"] == 2 and spans[0].status != 2  # 2: STATUS_CODE_ERROR
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (the receiver is down)."""
     port = free_port_block(1)
