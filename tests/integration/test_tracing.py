@@ -50,6 +50,7 @@ class Span:
     status: int
     attributes: dict[str, Any]
     resource: dict[str, Any]
+    trace_state: str = ""
 
 
 def _value(v: Any) -> Any:
@@ -82,7 +83,8 @@ class Receiver:
                     for s in ss.spans:
                         self.spans.append(Span(s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name,
                                                ss.scope.name, s.kind, s.status.code,
-                                               {a.key: _value(a.value) for a in s.attributes}, resource))
+                                               {a.key: _value(a.value) for a in s.attributes}, resource,
+                                               s.trace_state))
 
     def trace(self, trace_id: str) -> list[Span]:
         with self.lock:
@@ -245,7 +247,8 @@ def test_nginx_passes_traceparent_on_unchanged_and_adds_none(traced: Any) -> Non
                                                     "tracestate": tracestate, "X-Request-ID": "tp-" + trace_id[:8]})
     assert status == 200
     gate, _ = server_and_sdk_spans(rec, trace_id)
-    assert (gate.trace_id, gate.parent_span_id) == (trace_id, client_span)  # what the worker saw is what was sent
+    # What the worker saw is what the client sent: its span inherits the tracestate too.
+    assert (gate.trace_id, gate.parent_span_id, gate.trace_state) == (trace_id, client_span, tracestate)
     # Without a traceparent the gate sees none: its span starts a trace of its own, with no parent.
     request_id = "no-tp-" + secrets.token_hex(4)
     assert add_call(app, keys["math"], None, request_id=request_id)[0] == 200
