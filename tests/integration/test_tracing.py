@@ -211,11 +211,12 @@ def test_a_tool_call_makes_one_trace_with_the_sdks_span_under_the_gates(traced: 
     assert rec.headers[-1].get("authorization") == HEADER_TOKEN  # from tracing.headers_file
 
 
-def test_the_audit_record_and_the_log_line_name_the_calls_trace(traced: Any) -> None:
+@pytest.mark.parametrize("in_meta", [False, True], ids=["traceparent-header", "traceparent-in-meta"])
+def test_the_audit_record_and_the_log_line_name_the_calls_trace(traced: Any, in_meta: bool) -> None:
     app, rec, keys = traced
     traceparent, trace_id, _ = new_traceparent()
     request_id = "trace-audit-" + secrets.token_hex(4)
-    assert add_call(app, keys["math"], traceparent, request_id=request_id)[0] == 200
+    assert add_call(app, keys["math"], traceparent, in_meta=in_meta, request_id=request_id)[0] == 200
     record = wait_until(lambda: [r for r in audit_records(app) if r["request_id"] == request_id], 10, "audit record")[0]
     assert record["trace_id"] == trace_id
     line = wait_until(lambda: [x for x in worker_log_lines(app) if x.get("logger") == "traced_app"
