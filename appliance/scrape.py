@@ -24,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir, storage_errors
+from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, TraceMetrics, multiproc_dir, storage_errors
 from appliance.runtime import live_worker_count
 from appliance.supervisor import SupervisorUnavailable
 from appliance.watchdog import WatchdogMetrics
@@ -286,6 +286,7 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     gate.tool_calls.labels("x", "ok").inc()
     gate.tool_latency.labels("x").observe(0.01)
     ProcessEvents(1, None, registry)
+    TraceMetrics(registry)
     storage_errors(registry).labels("full").inc()
     watchdog = WatchdogMetrics("worker", registry)
     watchdog.unresponsive.labels("0")
