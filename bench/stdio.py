@@ -285,13 +285,22 @@ def server_url(app: Appliance) -> str:
 
 
 @contextlib.contextmanager
-def appliance(server_bin: Path, isolation: str) -> Iterator[Side]:
-    app = new_appliance(2, **appliance_config(server_bin, isolation))
+def appliance(server_bin: Path, isolation: str, as_hosted_app: bool = False) -> Iterator[Side]:
+    """The appliance with N=2 workers hosting the stdio server: as `[servers.everything]`, or
+    (a build without server tables) as its hosted app `mcp.app` on /mcp, the same bridge
+    (tests.integration.bridgekit)."""
+    if as_hosted_app:
+        from tests.integration.bridgekit import bridged_appliance
+
+        app = bridged_appliance(2, server=SERVER_NAME, command=[str(server_bin)], isolation=isolation,
+                                max_children=80)
+    else:
+        app = new_appliance(2, **appliance_config(server_bin, isolation))
     started = time.monotonic()
     try:
         app.start()
         app.wait_healthy(timeout=60, workers=2)
-        url = server_url(app)
+        url = app.mcp_url if as_hosted_app else server_url(app)
         wait_until(lambda: _answers_initialize(url, ()), 60, "the appliance answers initialize", interval=0.1)
         assert app.proc is not None
         yield Side(f"appliance N=2 ({isolation})", url, psutil.Process(app.proc.pid),
@@ -330,7 +339,11 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, str]]:
     rows: list[Row] = []
     skipped: dict[str, str] = {}
     refusal = appliance_refusal(server_bin) if "appliance" in sides else "not asked for (--sides)"
-    if refusal:
+    as_hosted_app = bool(refusal) and "appliance" in sides
+    if as_hosted_app:
+        skipped["appliance as [servers.everything]"] = (f"{refusal}; measured instead with the bridge as the "
+                                                        "hosted app (mcp.app) on /mcp")
+    elif refusal:
         skipped["appliance"] = refusal
     if "supergateway" in sides and os.geteuid() != 0:
         skipped["supergateway"] = "needs root for its loopback-only network namespace"
@@ -345,9 +358,10 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, str]]:
     if "appliance" not in skipped:
         for isolation in ("shared", "session"):
             plan.append((f"appliance N=2, isolation {isolation}", "legacy sessions",
-                         lambda isolation=isolation: appliance(server_bin, isolation), args.duration, args.connections))
+                         lambda isolation=isolation: appliance(server_bin, isolation, as_hosted_app),
+                         args.duration, args.connections))
         plan.append(("appliance N=2, isolation shared", "2026-07-28 calls",
-                     lambda: appliance(server_bin, "shared"), args.duration, args.connections))
+                     lambda: appliance(server_bin, "shared", as_hosted_app), args.duration, args.connections))
     bare = Row("bare child (stdio, no HTTP)", f"{args.connections} calls in flight") if "bare" in sides else None
     table = [Row(side, traffic) for side, traffic, *_ in plan]
     for round_no in range(args.rounds):
