@@ -94,7 +94,7 @@ class Bridge:
         self.spec = spec
         self.metrics = bridge_metrics()
         self.bus = InMemorySubscriptionBus()
-        self.children = Children(spec, self._ask, self._notify, self.metrics, self._child_gone)
+        self.children = Children(spec, self._ask, self._notify, self.metrics, self._child_gone, self._learn)
         #: session isolation: each legacy session's own child.
         self.by_session: dict[str, Child] = {}
         #: Each legacy session's latest ServerSession: its standalone (GET) stream for the child's notifications.
@@ -162,7 +162,6 @@ class Bridge:
         except ChildGone as exc:
             await send_rpc_error(send, 503, INTERNAL_ERROR, str(exc), data={"reason": "child_gone"})
             return
-        self._learn(child)
         bound = False
 
         async def bind(message: Any) -> None:
@@ -221,7 +220,6 @@ class Bridge:
                 self.subscriptions.get(sid, set()).discard(uri)
         if self.spec.isolation == "shared":
             child = await self.children.shared()
-            self._learn(child)
             if sid is not None:
                 child.session_ids.add(sid)
             yield child
@@ -233,20 +231,38 @@ class Bridge:
             yield child
             return
         async with self.children.pooled() as child:
-            self._learn(child)
             yield child
 
     async def _initialize_result(self) -> dict[str, Any] | None:
         """The children's `initialize` answer (a shared server's first session waits for its child)."""
         if self._template is None and self.spec.isolation == "shared":
             with contextlib.suppress(Refused, ChildGone):
-                self._learn(await self.children.shared())
+                await self.children.shared()
         return self._template
 
     def _learn(self, child: Child) -> None:
-        """Remember what the children answer to `initialize`, for the bridge's own answer."""
+        """A child started: remember what it answers to `initialize` (for the bridge's own answer) and its tools."""
         if self._template is None and child.initialize_result is not None:
             self._template = child.initialize_result.model_dump(by_alias=True, mode="json", exclude_none=True)
+        self._schemas_known()
+
+    def _schemas_known(self) -> None:
+        """The SDK checks Mcp-Param-* headers against the children's tool listings once one is known;
+        until then (None) it lists the tools itself, through a child, before each 2026-07-28 call."""
+        known = any(child.tool_schemas is not None for child in self.children.live)
+        self.server.get_tool_input_schema = self._tool_input_schema if known else None
+
+    def _tool_input_schema(self, name: str) -> Any | None:
+        """`name`'s inputSchema as a live child lists it (None: no child lists it, nothing to check)."""
+        for child in self.children.live:
+            if child.tool_schemas is not None and name in child.tool_schemas:
+                return child.tool_schemas[name]
+        return None
+
+    async def _relearn_tools(self, child: Child) -> None:
+        """The child's tools changed: read its listing again."""
+        await child.learn_tools()
+        self._schemas_known()
 
     def session_ended(self, session_id: str) -> None:
         """A legacy session ended: forget it; a `session` server's child ends with it."""
@@ -264,6 +280,7 @@ class Bridge:
             if self._tg is not None:
                 self._tg.start_soon(self.manager.end_session, sid)
         child.session_ids.clear()
+        self._schemas_known()
 
     async def _roots_changed(self, ctx: ServerRequestContext[Any, Any]) -> None:
         sid = _session_id(ctx)
@@ -331,6 +348,8 @@ class Bridge:
         client it serves (the caller in flight, else a `session` child's session)."""
         method = notification.method
         if method in _CHANGES:
+            if method == "notifications/tools/list_changed" and self._tg is not None:
+                self._tg.start_soon(self._relearn_tools, child)
             await self.bus.publish(_CHANGES[method]())
             await self._send(notification, [(self.peers[sid], None) for sid in child.session_ids if sid in self.peers])
         elif method == "notifications/resources/updated":

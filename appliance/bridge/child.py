@@ -15,7 +15,8 @@ import mcp_types as types
 from anyio.abc import TaskStatus
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
-from pydantic import TypeAdapter
+from mcp.shared.exceptions import MCPError
+from pydantic import TypeAdapter, ValidationError
 
 from appliance.bridge.spec import StdioSpec
 
@@ -29,6 +30,10 @@ GUARD_MARK = "mcp-appliance-guard: pid="
 START_TIMEOUT = 30.0
 #: Longest stderr line logged as one record; longer output is logged in pieces.
 STDERR_LINE = 16384
+#: Pages of a child's tools/list read when learning its tools (the SDK's own walk stops at 100 too).
+TOOL_PAGES = 100
+#: Seconds a child's tools/list may take when learning its tools.
+LIST_TIMEOUT = 10.0
 
 _RAW_RESULT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
@@ -61,6 +66,8 @@ class Child:
         self.session_ids: set[str] = set()
         #: Server request contexts of the requests in flight on this child.
         self.in_flight: list[Any] = []
+        #: Each tool's inputSchema as the child lists it (None: not known, see `learn_tools`).
+        self.tool_schemas: dict[str, Any] | None = None
 
     @property
     def alive(self) -> bool:
@@ -97,6 +104,7 @@ class Child:
                         with anyio.fail_after(START_TIMEOUT):
                             self.initialize_result = await session.initialize()
                         self.session = session
+                        await self.learn_tools()
                         self.started = True
                         task_status.started()
                         await self.gone.wait()
@@ -142,6 +150,37 @@ class Child:
             raise ChildGone(self.spec.server)
         request = types.Request[Any, Any](method=method, params=params)
         return await session.send_request(request, _RAW_RESULT, progress_callback=on_progress)
+
+    async def learn_tools(self) -> None:
+        """Read the child's tools' input schemas (every page), for `tool_schemas`.
+
+        The SDK checks a 2026-07-28 call's Mcp-Param-* headers against the tool's schema; without
+        these it lists the tools itself before every call, a second round trip to the child.
+        A child without tools, or one whose listing fails, leaves `tool_schemas` None.
+        """
+        if self.initialize_result is None or self.initialize_result.capabilities.tools is None:
+            return
+        schemas: dict[str, Any] = {}
+        try:
+            with anyio.fail_after(LIST_TIMEOUT):
+                await self._list_tools(schemas)
+        except (MCPError, ChildGone, ValidationError, TimeoutError) as exc:
+            logger.debug("stdio server %s: the child's tools/list failed: %r", self.spec.server, exc)
+            self.tool_schemas = None
+            return
+        self.tool_schemas = schemas
+
+    async def _list_tools(self, schemas: dict[str, Any]) -> None:
+        cursor: Any = None
+        for _ in range(TOOL_PAGES):
+            page = await self.forward("tools/list", {"cursor": cursor} if cursor is not None else None, None)
+            for tool in page.get("tools") or ():
+                if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                    schemas[tool["name"]] = tool.get("inputSchema")
+            cursor = page.get("nextCursor")
+            if not isinstance(cursor, str):
+                return
+        raise MCPError(code=types.INTERNAL_ERROR, message=f"tools/list did not end within {TOOL_PAGES} pages")
 
     async def notify(self, notification: types.ClientNotification) -> None:
         """Pass a client notification on (roots changed)."""

@@ -55,12 +55,13 @@ class Children:
     """All children of one server in this worker."""
 
     def __init__(self, spec: StdioSpec, ask: AskFn, notify: NotifyFn, metrics: BridgeMetrics,
-                 on_gone: Callable[[Child], Any]) -> None:
+                 on_gone: Callable[[Child], Any], on_started: Callable[[Child], Any] = lambda child: None) -> None:
         self.spec = spec
         self._ask = ask
         self._notify = notify
         self._metrics = metrics
         self._on_gone = on_gone
+        self._on_started = on_started
         self._tg: TaskGroup | None = None
         self.live: set[Child] = set()
         self._starting = 0
@@ -177,6 +178,7 @@ class Children:
         self.live.add(child)
         self._metrics.children.labels(self.spec.server).set(len(self.live))
         self._metrics.crash_looping.labels(self.spec.server).set(0)
+        self._on_started(child)
         logger.info("stdio server %s: child %s started", self.spec.server, child.pid, extra={"server": self.spec.tag})
         return child
 
