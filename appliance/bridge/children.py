@@ -207,6 +207,8 @@ class Children:
 
     async def shared(self, timeout: float = 30.0) -> Child:
         """The shared child, waiting for a (re)start in progress."""
+        if self._shared is not None and self._shared.alive:  # the usual case: no timeout scope per request
+            return self._shared
         with anyio.move_on_after(timeout):
             while self._shared is None or not self._shared.alive:
                 if self.crash_looping:

@@ -62,26 +62,15 @@ def child_params(params: Any) -> dict[str, Any] | None:
 
 
 async def with_replay(child: Child, ctx: ServerRequestContext[Any, Any], replay: Replay, on_progress: Any) -> Any:
-    """The child's result, or (once it asks beyond the answers the request brought) the question for the client."""
-    outcome: list[Any] = []
-    failure: list[BaseException] = []
-    async with anyio.create_task_group() as tg:
-        async def call() -> None:
-            try:
-                outcome.append(await child.forward(ctx.method, child_params(ctx.params), on_progress))
-            except Exception as exc:  # raised after the group: a group would wrap it
-                failure.append(exc)
-            tg.cancel_scope.cancel()
+    """The child's result, or (once it asks beyond the answers the request brought) the question for the client.
 
-        async def asked() -> None:
-            await replay.asked.wait()
-            tg.cancel_scope.cancel()  # cancels the call at the child: the retry runs it again
-
-        tg.start_soon(call)
-        tg.start_soon(asked)
-    if failure:
-        raise failure[0]
-    return outcome[0] if outcome else replay.input_required()
+    The call runs in this task, in a scope the replay cancels when the child asks something new
+    (cancelling it at the child: the retry runs it again); no task group per call.
+    """
+    with anyio.CancelScope() as scope:
+        replay.scope = scope
+        return await child.forward(ctx.method, child_params(ctx.params), on_progress)
+    return replay.input_required()
 
 
 def bridge_server(name: str, lease: Lease, bus: InMemorySubscriptionBus,

@@ -40,6 +40,8 @@ class Replay:
         self.asked = anyio.Event()
         self.ended = anyio.Event()
         self.question: Any = None
+        #: The scope the call to the child runs in: cancelled when the child asks beyond the answers.
+        self.scope: anyio.CancelScope | None = None
 
     @classmethod
     def from_params(cls, params: Any) -> Replay:
@@ -67,6 +69,8 @@ class Replay:
             return self.answers[self.used - 1]
         self.question = question
         self.asked.set()
+        if self.scope is not None:
+            self.scope.cancel()
         await self.ended.wait()
         return None
 
