@@ -36,6 +36,8 @@ TOOL_PAGES = 100
 LIST_TIMEOUT = 10.0
 
 _RAW_RESULT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
+#: The request model the bridge sends (parametrised once: pydantic builds the class per subscript).
+_RAW_REQUEST = types.Request[Any, Any]
 
 #: Handles a server-to-client request the child sent: (method, params) -> result or ErrorData.
 AskFn = Callable[["Child", str, Any], Awaitable[Any]]
@@ -148,7 +150,7 @@ class Child:
         session = self.session
         if session is None or self.gone.is_set():
             raise ChildGone(self.spec.server)
-        request = types.Request[Any, Any](method=method, params=params)
+        request = _RAW_REQUEST(method=method, params=params)
         return await session.send_request(request, _RAW_RESULT, progress_callback=on_progress)
 
     async def learn_tools(self) -> None:
