@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+from appliance.config import DEFAULT_SERVER
 from appliance.gate.exchange import Exchange
 from appliance.metrics import KNOWN_METHODS, GateMetrics
 
@@ -26,12 +28,13 @@ class _Children:
 class RequestMetrics:
     """Counts a finished request: by method and status, its latency, tool outcome, authz and violations."""
 
-    def __init__(self, metrics: GateMetrics) -> None:
+    def __init__(self, metrics: GateMetrics, server: str = DEFAULT_SERVER) -> None:
         self.m = metrics
-        self.requests = _Children(metrics.requests.labels)
-        self.latency = _Children(metrics.latency.labels)
-        self.tool_calls = _Children(metrics.tool_calls.labels)
-        self.tool_latency = _Children(metrics.tool_latency.labels)
+        # The request metrics carry the hosted server's name first (one sink per server).
+        self.requests = _Children(partial(metrics.requests.labels, server))
+        self.latency = _Children(partial(metrics.latency.labels, server))
+        self.tool_calls = _Children(partial(metrics.tool_calls.labels, server))
+        self.tool_latency = _Children(partial(metrics.tool_latency.labels, server))
         self.authz = _Children(metrics.authz.labels)
         self.violations = _Children(metrics.violations.labels)
 
