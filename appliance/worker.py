@@ -56,6 +56,12 @@ def import_servers(settings: Settings) -> dict[str, Any]:
     (`check` and `run` do it before anything starts); HostedAppError naming the key."""
     for server in settings.servers:
         read_env_files(server)
+        if server.command:
+            try:
+                from appliance import bridge  # noqa: F401  (only a command server needs it)
+            except ImportError as exc:
+                raise HostedAppError(f"{server_key(server, 'command')}: this installation cannot run stdio "
+                                     f"servers: {exc}") from None
     return {server.name: import_target(server.app, server_key(server, "app"))
             for server in settings.hosted_servers if server.app}
 
