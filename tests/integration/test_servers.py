@@ -14,6 +14,7 @@ import pytest
 
 from tests.harness import Appliance, http, new_appliance, wait_until
 from tests.integration.clients import (
+    LEGACY_VERSION,
     MODERN_VERSION,
     access_log,
     eventually,
@@ -185,12 +186,14 @@ def test_a_path_under_no_server_gets_a_json_404(hosted: Any) -> None:
 
 
 def test_each_server_answers_in_its_own_mode(hosted: Any) -> None:
-    """calc sets json_response = true; the notes server keeps [mcp]'s SSE answers."""
+    """calc sets json_response = true; the notes server keeps [mcp]'s SSE answers (seen on a legacy initialize)."""
     app, keys = hosted
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": {"name": "m", "version": "1"}}}
     types = {}
-    for path, tool, arguments in ((CALC_PATH, "add", {"a": 1, "b": 1}), ("/mcp", "search_notes", {"query": "x"})):
-        headers, body = modern_request("tools/call", tool, {"name": tool, "arguments": arguments})
-        status, out, _ = http("POST", app.url + path, body, {**headers, **bearer(keys["both"])})
+    for path in (CALC_PATH, "/mcp"):
+        status, out, _ = http("POST", app.url + path, init, {"Content-Type": "application/json", **bearer(keys["both"]),
+                                                            "Accept": "application/json, text/event-stream"})
         assert status == 200
         types[path] = out["content-type"].split(";")[0]
     assert types == {CALC_PATH: "application/json", "/mcp": "text/event-stream"}
