@@ -443,3 +443,13 @@ def test_redacted_servers_show_where_secrets_come_from_never_what_they_are(tmp_p
     assert "do-not-show-me" not in text
     (gh,) = doc["servers"]
     assert gh["env"]["LOG_LEVEL"] == "debug" and gh["env_files"] == {"GITHUB_PAT": "/etc/secrets/github"}
+
+
+def test_the_readmes_server_tables_are_valid_settings(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Several servers in one appliance", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "appliance.toml"
+    path.write_text(block)
+    calc, files = load_settings(path, {}).servers
+    assert (calc.path, calc.kind, files.path, files.kind) == ("/servers/calc/mcp", "app", "/servers/files/mcp", "command")
