@@ -197,3 +197,22 @@ def test_each_server_answers_in_its_own_mode(hosted: Any) -> None:
         assert status == 200
         types[path] = out["content-type"].split(";")[0]
     assert types == {CALC_PATH: "application/json", "/mcp": "text/event-stream"}
+
+
+@pytest.mark.anyio
+async def test_a_server_added_to_the_config_is_served_after_reload() -> None:
+    from tests.harness import running, to_toml
+
+    with running(new_appliance(2, env={"PYTHONPATH": str(REPO)})) as app:
+        headers, body = modern_request("tools/list", None, {})
+        status, _, _ = http("POST", app.url + CALC_PATH, body, headers)
+        assert status == 404
+        app.settings["servers"] = {"calc": {"app": "tests.integration.calc_server:server"}}
+        app.config_path.write_text(to_toml(app.settings))
+        result = await anyio.to_thread.run_sync(lambda: app.command("reload", timeout=300))
+        assert result.returncode == 0, result.stdout + result.stderr
+        async with mcp_client(calc_url(app), MODERN_VERSION) as (calc, _):
+            assert structured(await calc.call_tool("add", {"a": 20, "b": 22})) == {"result": 42}
+        # The admin app restarts with the new settings: its /health lists calc once it is back.
+        wait_until(lambda: [s["name"] for s in app.health()[1]["servers"]] == ["default", "calc"], 30,
+                   "/health listing the new server")
