@@ -210,7 +210,8 @@ def example_toml() -> str:
 #: The example's server tables, commented out: there is none by default (the [mcp] server is "default").
 SERVERS_EXAMPLE = """
 # More servers, each a table [servers.<name>] on a path of its own (default /servers/<name>/mcp),
-# hosted by every worker next to the [mcp] one. Every key (see the README's table):
+# hosted by every worker next to the [mcp] one (named "default"). Set in this file only: the
+# environment does not override server tables. Every key (see the README's table):
 #
 # [servers.calc]
 # app = "mypkg.calc:server"            # an MCPServer or ASGI app, or instead:

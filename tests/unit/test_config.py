@@ -453,3 +453,12 @@ def test_the_readmes_server_tables_are_valid_settings(tmp_path: Path) -> None:
     path.write_text(block)
     calc, files = load_settings(path, {}).servers
     assert (calc.path, calc.kind, files.path, files.kind) == ("/servers/calc/mcp", "app", "/servers/files/mcp", "command")
+
+
+def test_the_examples_commented_server_table_is_valid_once_uncommented(tmp_path: Path) -> None:
+    block = EXAMPLE.read_text().split("# [servers.calc]", 1)[1]
+    text = "[servers.calc]" + "".join("\n" + line.removeprefix("# ") for line in block.splitlines())
+    path = tmp_path / "appliance.toml"
+    path.write_text(text)
+    (calc,) = load_settings(path, {}).servers
+    assert (calc.app, calc.path, calc.policy_rules) == ("mypkg.calc:server", "/servers/calc/mcp", ("tool:add = calc:use",))
