@@ -7,6 +7,7 @@ import gc
 import importlib
 import logging
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,26 @@ def stdio_spec(server: ServerSettings, settings: Settings) -> Any:
     )
 
 
+def bridge_report(name: str) -> dict[str, Any]:
+    """The stdio server `name` as the worker's probe reports it, from the bridge's own account."""
+    from appliance.bridge import bridge_status
+
+    return bridge_health(bridge_status().get(name))
+
+
+def bridge_health(state: dict[str, Any] | None) -> dict[str, Any]:
+    """The bridge's state of one server (children, restarts, up, crash_looping, …) with a probe status:
+    "ok", "down" (no child running) or "crash_looping" (given up); anything but ok degrades the worker."""
+    if state is None:
+        return {"status": "unknown", "reason": "the stdio bridge reports nothing about it (not started)"}
+    if state.get("crash_looping"):
+        return {**state, "status": "crash_looping",
+                "reason": "its command keeps exiting and is no longer restarted (see the worker's log)"}
+    if not state.get("up", True):
+        return {**state, "status": "down", "reason": "no child of its command is running"}
+    return {**state, "status": "ok"}
+
+
 def read_env_files(server: ServerSettings) -> tuple[tuple[str, str], ...]:
     """`server`'s env_files as (name, content) pairs; HostedAppError naming the key (never the content)."""
     values = []
@@ -183,7 +204,9 @@ def run_worker(settings: Settings, index: int) -> None:
     stay_reachable_by_the_watchdog()
     stats = WorkerStats(index=index)
     hosted = [(server, hosted_app(settings, index, server)) for server in settings.hosted_servers]
-    stats.servers = [ServerHealth(server.name, server.path, server.kind, app) for server, app in hosted]
+    stats.servers = [ServerHealth(server.name, server.path, server.kind, app,
+                                  partial(bridge_report, server.name) if server.command else None)
+                     for server, app in hosted]
     app = build_gate(hosted, settings, index, stats)
     config = hypercorn_config(settings, index)
     # Everything built so far (the SDK's and the hosted app's modules, models, schemas) lives

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +31,12 @@ class ServerHealth:
     path: str
     kind: str
     app: Any = field(default=None, repr=False)
+    #: Reports this server's state instead of the app's hook (the worker gives command servers the bridge's).
+    report: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
 
     def snapshot(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"name": self.name, "path": self.path, "kind": self.kind, "status": "ok"}
-        report = getattr(self.app, STATUS_HOOK, None)
+        report = self.report or getattr(self.app, STATUS_HOOK, None)
         if callable(report):
             try:
                 doc.update(report())

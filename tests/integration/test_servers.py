@@ -12,13 +12,12 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.harness import Appliance, http, new_appliance, wait_until
+from tests.harness import Appliance, cleanup, http, new_appliance, running, to_toml, wait_until
 from tests.integration.clients import (
     LEGACY_VERSION,
     MODERN_VERSION,
     access_log,
     eventually,
-    legacy_request_headers,
     mcp_client,
     modern_request,
     owner_upstream,
@@ -49,8 +48,6 @@ def hosted() -> Iterator[tuple[Appliance, dict[str, str]]]:
         app.wait_healthy(timeout=60, workers=2)
         yield app, keys
     finally:
-        from tests.harness import cleanup
-
         cleanup(app)
 
 
@@ -201,8 +198,6 @@ def test_each_server_answers_in_its_own_mode(hosted: Any) -> None:
 
 @pytest.mark.anyio
 async def test_a_server_added_to_the_config_is_served_after_reload() -> None:
-    from tests.harness import running, to_toml
-
     with running(new_appliance(2, env={"PYTHONPATH": str(REPO)})) as app:
         headers, body = modern_request("tools/list", None, {})
         status, _, _ = http("POST", app.url + CALC_PATH, body, headers)

@@ -127,3 +127,17 @@ def test_a_server_reporting_trouble_makes_its_worker_degraded() -> None:
     doc = stats.snapshot()
     assert doc["status"] == "degraded"
     assert "server files: its child exited 5 times in 10 s" in doc["degraded"]
+
+
+def test_the_bridges_account_of_a_stdio_server_becomes_its_probe_status() -> None:
+    from appliance.worker import bridge_health
+
+    up = {"isolation": "shared", "children": 1, "up": True, "restarts": 0, "crash_looping": False, "pids": [7]}
+    assert bridge_health(up) == {**up, "status": "ok"}
+    assert bridge_health({**up, "children": 0, "up": False})["status"] == "down"
+    looping = bridge_health({**up, "up": False, "crash_looping": True})
+    assert looping["status"] == "crash_looping" and "no longer restarted" in looping["reason"]
+    assert bridge_health(None)["status"] == "unknown"
+    stats = WorkerStats(index=0)
+    stats.servers = [ServerHealth("files", "/f", "command", None, lambda: looping)]
+    assert stats.snapshot()["status"] == "degraded"
