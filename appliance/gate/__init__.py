@@ -1,7 +1,9 @@
-"""The gate: ASGI middleware in every worker, in front of the hosted app.
+"""The gate: ASGI middleware in every worker, in front of the hosted servers.
 
-Each concern is one small class; `build_gate` composes them in one visible list,
-outermost first.
+Each concern is one small class; `build_gate` composes them in visible lists, outermost
+first: the worker's own layers (probe, request id), the router to the server the path
+names (appliance/routing.py), then one gate per server (its record, policy, path, …) whose
+shared parts (authenticator, audit writer, rate table, session registry) are one per worker.
 """
 
 from __future__ import annotations
