@@ -206,6 +206,9 @@ async def test_a_server_added_to_the_config_is_served_after_reload() -> None:
         app.config_path.write_text(to_toml(app.settings))
         result = await anyio.to_thread.run_sync(lambda: app.command("reload", timeout=300))
         assert result.returncode == 0, result.stdout + result.stderr
+        # nginx takes its new configuration on HUP, in new worker processes a moment later.
+        await eventually(lambda: http("POST", app.url + CALC_PATH, body, headers)[0] == 200, 30,
+                         "nginx routing the new server's path")
         async with mcp_client(calc_url(app), MODERN_VERSION) as (calc, _):
             assert structured(await calc.call_tool("add", {"a": 20, "b": 22})) == {"result": 42}
         # The admin app restarts with the new settings: its /health lists calc once it is back.
