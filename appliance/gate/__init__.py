@@ -62,7 +62,7 @@ def _server_gate(app: ASGIApp, server: ServerSettings, settings: Settings, index
     by_address = settings.auth.mode == "none"
     layers = [
         # Records every request from here on: audit line and metrics, once it is answered.
-        lambda a: Outcome(a, s.sinks(index, settings.audit.raw_arguments, server.name)),
+        outcome := lambda a: Outcome(a, s.sinks(index, settings.audit.raw_arguments, server.name)),
         lambda a: Drain(a, stats),
         lambda a: HostOriginCheck(a, mcp.allowed_hosts, mcp.allowed_origins),
         lambda a: BodyLimit(a, mcp.max_body_bytes),
@@ -71,11 +71,20 @@ def _server_gate(app: ASGIApp, server: ServerSettings, settings: Settings, index
         *([lambda a: RateLimit(a, buckets, settings.limits.retry_after, by_address, s.metrics.refused)]
           if buckets is not None else []),
         # The body is read and parsed once, here, for the session caps, the policy, the audit record and the metrics.
-        lambda a: JsonRpcBody(a, server.path),
+        body := lambda a: JsonRpcBody(a, server.path),
         lambda a: SessionBinding(a, stats.sessions, by_address, s.metrics.refused, settings.limits.retry_after),
         lambda a: PolicyCheck(a, s.policy_for(server.name)),
         lambda a: SessionOwnership(a, settings.node.ordinal, index),
     ]
+    if settings.tracing.enabled:
+        # Imported only when on: a worker with tracing off has no tracing layer and loads no SDK.
+        from opentelemetry import trace
+
+        from appliance.gate.tracing import MetaParent, ServerSpan
+        tracer = trace.get_tracer("mcp-appliance")
+        # Inside Outcome (its record has the span's trace id); the body's `_meta` parent is read after JsonRpcBody.
+        layers.insert(layers.index(outcome) + 1, lambda a: ServerSpan(a, tracer, index, server.path))
+        layers.insert(layers.index(body) + 1, MetaParent)
     if s.audit is not None and audit_refuses(settings):
         # Last, right before the hosted app: a call whose record would have no room never runs.
         layers.append(lambda a: AuditGuard(a, s.audit))  # type: ignore[arg-type]
