@@ -48,7 +48,8 @@ def build_gate(hosted: ASGIApp | Sequence[tuple[ServerSettings, ASGIApp]], setti
         lambda a: HealthProbe(a, stats),
         lambda a: RequestContext(a, stats),
     ]
-    app: ASGIApp = ServerRouter(routes)
+    # One server (the usual case) needs no router: every request is its, as before servers existed.
+    app: ASGIApp = ServerRouter(routes) if len(routes) > 1 else routes[0][1]
     for layer in reversed(layers):
         app = layer(app)
     return app
