@@ -117,7 +117,7 @@ def stdio_spec(server: ServerSettings, settings: Settings) -> Any:
         sessions=server.sessions,
         path=server.path,
         max_sessions=settings.mcp.max_sessions,
-        log_name=f"server.{server.name}",
+        log_name=server.name,
     )
 
 

@@ -214,3 +214,52 @@ async def test_a_server_added_to_the_config_is_served_after_reload() -> None:
         # The admin app restarts with the new settings: its /health lists calc once it is back.
         wait_until(lambda: [s["name"] for s in app.health()[1]["servers"]] == ["default", "calc"], 30,
                    "/health listing the new server")
+
+
+@pytest.fixture(scope="module")
+def with_stdio() -> Iterator[Appliance]:
+    """The notes server, calc and two stdio servers from npm in one appliance.toml (N=2)."""
+    from tests import third_party
+
+    app = new_appliance(2, env={"PYTHONPATH": str(REPO)})
+    # In the appliance's world-readable directory: the children run as the service user.
+    root = app.base / "files"
+    root.mkdir(mode=0o755)
+    (root / "hello.txt").write_text("hello from the test\n")
+    (root / "hello.txt").chmod(0o644)
+    app.settings["servers"] = {
+        "calc": {"app": "tests.integration.calc_server:server"},
+        "everything": {"command": list(third_party.everything()), "isolation": "shared"},
+        "files": {"command": list(third_party.filesystem(str(root))), "path": "/files/mcp"}}
+    with running(app) as started:
+        yield started
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", MODERN_VERSION])
+async def test_stdio_servers_from_the_config_answer_next_to_the_python_ones(with_stdio: Appliance, mode: str) -> None:
+    app = with_stdio
+    async with mcp_client(app.url + "/servers/everything/mcp", mode) as (everything, _):
+        assert "echo" in {t.name for t in (await everything.list_tools()).tools}
+        echoed = await everything.call_tool("echo", {"message": f"servers {mode}"})
+        assert not echoed.is_error and echoed.content[0].text == f"Echo: servers {mode}"
+    async with mcp_client(app.url + "/files/mcp", mode) as (files, _):
+        roots = await files.call_tool("list_allowed_directories", {})
+        root = roots.content[0].text.splitlines()[-1].strip()
+        read = await files.call_tool("read_text_file", {"path": f"{root}/hello.txt"})
+        assert not read.is_error and "hello from the test" in read.content[0].text
+    async with mcp_client(calc_url(app), mode) as (calc, _):
+        assert structured(await calc.call_tool("add", {"a": 1, "b": 2})) == {"result": 3}
+    async with mcp_client(app.mcp_url, mode) as (notes, _):
+        assert NOTES_TOOLS <= {t.name for t in (await notes.list_tools()).tools}
+
+
+def test_health_shows_the_stdio_servers_children(with_stdio: Appliance) -> None:
+    _, doc = with_stdio.health()
+    servers = {s["name"]: s for s in doc["servers"]}
+    assert [s["name"] for s in doc["servers"]] == ["default", "calc", "everything", "files"]
+    everything = servers["everything"]
+    assert (everything["kind"], everything["status"], everything["path"]) == ("command", "ok", "/servers/everything/mcp")
+    for worker in ("0", "1"):
+        assert everything["workers"][worker]["isolation"] == "shared"
+        assert everything["workers"][worker]["up"] is True
