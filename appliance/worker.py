@@ -16,6 +16,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp
 
+from appliance.answers import AutoAnswers, answer_per_request
 from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
 from appliance.lifetime import STOP_MARGIN, die_with_supervisord, stay_reachable_by_the_watchdog
@@ -60,7 +61,7 @@ def hosted_app(settings: Settings, index: int = 0) -> ASGIApp:
         bus = share_events(target, event_fanout(settings, index))
         app = target.streamable_http_app(
             streamable_http_path=mcp.path,
-            json_response=mcp.json_response,
+            json_response=mcp.json_response is True,
             stateless_http=not mcp.sessions,
             max_request_body_size=mcp.max_body_bytes,
             session_idle_timeout=mcp.session_idle_timeout,
@@ -69,6 +70,9 @@ def hosted_app(settings: Settings, index: int = 0) -> ASGIApp:
             # app; the SDK's own check would see nginx's view and answer 421.
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
+        if mcp.json_response == "auto":
+            answer_per_request(target.session_manager)
+            app = AutoAnswers(app)
         return app if bus is None else WithBus(app, bus)
     if callable(target):
         return target  # type: ignore[no-any-return]

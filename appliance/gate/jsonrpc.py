@@ -50,6 +50,8 @@ _NAMING_KEY = re.compile(r"(?i)(name|names|uri|uris|ref|refs|subscriptions)$")
 _REF_KINDS = {"ref/prompt": ("prompt", "name"), "ref/resource": ("resource", "uri")}
 
 _MISSING: Any = object()
+#: The _meta key by which a 2026-07-28 request asks for log messages on its answer.
+LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"
 
 
 @dataclass(slots=True)
@@ -71,6 +73,9 @@ class RpcCall:
     subjects: tuple[str, ...] = ()
     #: Why the gate cannot tell what this call uses (policy refuses it while rules apply).
     unclassified: str | None = None
+    #: Whether the client asked for notifications on the answer: a progressToken or a log level in
+    #: params._meta, or a subscriptions/listen (see appliance/answers.py).
+    notified: bool = False
 
     @property
     def is_request(self) -> bool:
@@ -155,6 +160,9 @@ def _message(data: Any) -> RpcCall:
         raise RpcError(INVALID_REQUEST, "Invalid request: params must be an object or an array", rid)
     call = RpcCall(method=method, id=rid)
     _classify(call, params if isinstance(params, dict) else {}, params)
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    call.notified = method == "subscriptions/listen" or (
+        isinstance(meta, dict) and (meta.get("progressToken") is not None or meta.get(LOG_LEVEL_META) is not None))
     return call
 
 
