@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -64,11 +67,13 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
             return JSONResponse({"error": "not found", "detail": "auth.mode is not jwt"}, status_code=404)
         return JSONResponse(protected_resource_metadata(settings, request.scope))
 
-    async def operate(action: Callable[[Operator], Result]) -> JSONResponse:
+    async def operate(request: Request, action: Callable[[Operator], Result]) -> JSONResponse:
         # Operations block (XML-RPC, probes, drain waits): a thread keeps /health answering.
         operator = Operator(settings)
+        # The operation's span continues the caller's trace, when its request carries one.
+        parent = TraceContextTextMapPropagator().extract(request.headers)
         try:
-            result = await anyio.to_thread.run_sync(action, operator)
+            result = await anyio.to_thread.run_sync(lambda: _in_context(parent, action, operator))
         except OperationError as exc:
             return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=exc.status)
         # This process restarts last, after its answer went out.
@@ -84,14 +89,14 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
         if not isinstance(workers, int) or isinstance(workers, bool):
             return JSONResponse({"error": "BadRequest", "detail": 'send {"workers": N} with N an integer'},
                                 status_code=400)
-        return await operate(lambda op: op.scale(workers))
+        return await operate(request, lambda op: op.scale(workers))
 
     async def reload(request: Request) -> JSONResponse:
-        return await operate(lambda op: op.reload())
+        return await operate(request, lambda op: op.reload())
 
     async def restart_worker(request: Request) -> JSONResponse:
         index = request.path_params["index"]
-        return await operate(lambda op: op.restart_worker(index))
+        return await operate(request, lambda op: op.restart_worker(index))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -129,6 +134,14 @@ def create_admin_app(settings: Settings, checker: HealthChecker | None = None) -
     )
 
 
+def _in_context(parent: Context, action: Callable[[Operator], Result], operator: Operator) -> Result:
+    token = otel_context.attach(parent)
+    try:
+        return action(operator)
+    finally:
+        otel_context.detach(token)
+
+
 def run_admin(settings: Settings) -> None:
     """Serve the admin app on its loopback port until SIGTERM."""
     import asyncio
@@ -152,4 +165,12 @@ def run_admin(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
-    asyncio.run(main())
+    tracing = None
+    if settings.tracing.enabled:  # imported only when on: tracing off loads no OpenTelemetry SDK
+        from appliance.tracing import setup_tracing
+        tracing = setup_tracing(settings, "admin")
+    try:
+        asyncio.run(main())
+    finally:
+        if tracing is not None:
+            tracing.shutdown()

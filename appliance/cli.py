@@ -254,14 +254,28 @@ def _operate(settings: Settings, action: str, *args: int) -> int:
     return 0
 
 
+def _traced_operation(settings: Settings, action: str, *args: int) -> int:
+    """`_operate`, its span sent like the admin app's when tracing is on (the CLI is a process of its own)."""
+    if not settings.tracing.enabled:
+        return _operate(settings, action, *args)
+    from appliance.tracing import setup_tracing
+
+    tracing = setup_tracing(settings, "cli")
+    try:
+        return _operate(settings, action, *args)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
+
+
 def cmd_scale(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Change the number of workers of the running appliance."""
-    return _operate(settings, "scale", args.workers)
+    return _traced_operation(settings, "scale", args.workers)
 
 
 def cmd_reload(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Re-read appliance.toml and restart every worker, one at a time, drained."""
-    return _operate(settings, "reload")
+    return _traced_operation(settings, "reload")
 
 
 COMMANDS = {

@@ -13,6 +13,7 @@ import re
 import socket
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +330,28 @@ class NotesSettings:
 
 
 @dataclass(frozen=True)
+class TracingSettings:
+    """OpenTelemetry traces of every MCP request and admin operation, sent to an OTLP/HTTP receiver."""
+
+    #: Record spans and send them to tracing.endpoint; off: no span is recorded and nothing is sent.
+    enabled: bool = False
+    #: The OTLP/HTTP (protobuf) traces URL of an OpenTelemetry Collector, Jaeger or Tempo, path
+    #: included, e.g. "http://127.0.0.1:4318/v1/traces" (https for TLS).
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    #: A file (a secret, readable by the service user) of "Name: value" lines sent as headers with every
+    #: export, e.g. "Authorization: Bearer …" for a hosted backend; empty: none.
+    headers_file: str = ""
+    #: Share of new traces recorded, 0 to 1; a request whose traceparent says "sampled" (or "not
+    #: sampled") is recorded (or not) whatever the ratio, so a trace is never cut in half.
+    sample_ratio: float = 1.0
+    #: Spans a process keeps waiting for export; when the receiver is down or slow, spans beyond it are
+    #: dropped (counted in mcp_appliance_trace_spans_dropped_total): a request never waits for tracing.
+    queue_size: int = 2048
+    #: Seconds one export may take (retries included) before its spans are given up (counted as dropped).
+    export_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every knob of the appliance."""
 
@@ -369,6 +392,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     state: StateSettings = field(default_factory=StateSettings)
     notes: NotesSettings = field(default_factory=NotesSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     #: Where these settings came from, for error messages and rendered headers.
     source: str = field(default="built-in defaults", compare=False)
 
@@ -629,6 +653,7 @@ def validate(settings: Settings) -> None:
     need(not settings.state.keys_file or Path(settings.state.keys_file).is_absolute(), "state.keys_file",
          settings.state.keys_file, "empty or an absolute path")
     need(1 <= settings.state.request_ttl <= 86400, "state.request_ttl", settings.state.request_ttl, "1 to 86400 seconds")
+    _validate_tracing(settings.tracing, need)
     # nginx, the admin app and the workers all bind on this host: one port each.
     ports: dict[int, str] = {}
     claims = [("http.port", settings.http.port), ("admin.port", settings.admin.port)]
@@ -639,6 +664,26 @@ def validate(settings: Settings) -> None:
         if port in ports:
             raise ConfigError(f"{settings.source}: port clash: '{key}' and '{ports[port]}' both use port {port}")
         ports[port] = key
+
+
+def _is_http_url(text: str) -> bool:
+    """An absolute http(s) URL with a host (and a valid port, when given)."""
+    try:
+        url = urllib.parse.urlsplit(text)
+        url.port  # raises ValueError for a port out of range or not a number
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname) and not any(c.isspace() for c in text)
+
+
+def _validate_tracing(t: TracingSettings, need: typing.Callable[[bool, str, Any, str], None]) -> None:
+    need(_is_http_url(t.endpoint), "tracing.endpoint", t.endpoint,
+         "an http:// or https:// URL of an OTLP/HTTP receiver, e.g. 'http://127.0.0.1:4318/v1/traces'")
+    need(0.0 <= t.sample_ratio <= 1.0, "tracing.sample_ratio", t.sample_ratio, "a number from 0 to 1")
+    need(1 <= t.queue_size <= 1_000_000, "tracing.queue_size", t.queue_size, "1 to 1000000 spans")
+    need(0 < t.export_timeout <= 60, "tracing.export_timeout", t.export_timeout, "seconds > 0, at most 60")
+    need(not t.headers_file or Path(t.headers_file).is_absolute(), "tracing.headers_file", t.headers_file,
+         "empty or an absolute path")
 
 
 _RULE = re.compile(r"^\s*(tool|resource|prompt):(\S+)\s*=\s*(\S+(?:\s+\S+)*)\s*$")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 from appliance.config import Settings
@@ -28,6 +29,9 @@ class _ContextFilter(logging.Filter):
         record.request_id = getattr(record, "request_id", None) or request_id.get()
         record.principal = getattr(record, "principal", None) or principal_name.get()
         record.session = getattr(record, "session", None) or session_id.get()
+        # The trace of the request (tracing on): what the audit record and the spans carry too.
+        span = trace.get_current_span().get_span_context()
+        record.trace_id = format(span.trace_id, "032x") if span.is_valid else None
         return True
 
 
@@ -45,7 +49,7 @@ def configure_logging(settings: Settings, process_name: str, worker: int | None 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter(
-            "{asctime}{levelname}{name}{message}{service}{proc}{worker}{request_id}{principal}{session}",
+            "{asctime}{levelname}{name}{message}{service}{proc}{worker}{request_id}{principal}{session}{trace_id}",
             style="{",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "proc": "process"},
             timestamp=False,

@@ -73,6 +73,26 @@ def storage_errors(registry: CollectorRegistry | None = None) -> Counter:
                    "(full, read_only, io_error, cannot_open, database_unavailable)", ["reason"], registry=registry)
 
 
+#: Why a span never reached the trace receiver.
+TRACE_DROP_REASONS = ("queue_full", "export_failed")
+
+
+class TraceMetrics:
+    """What a process with tracing on counts of its spans (appliance/tracing.py); updated from the export thread."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.exported = Counter("mcp_appliance_trace_spans_exported", "Spans the trace receiver accepted",
+                                registry=registry)
+        self.drops = Counter("mcp_appliance_trace_spans_dropped", "Spans that never reached the trace receiver, by "
+                             "reason: queue_full (the receiver is down or slower than the spans come; the queue of "
+                             "tracing.queue_size is full) or export_failed (the receiver refused or did not answer "
+                             "within tracing.export_timeout)", ["reason"], registry=registry)
+        self._drops = {reason: self.drops.labels(reason) for reason in TRACE_DROP_REASONS}
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        self._drops[reason].inc(count)
+
+
 class GateMetrics:
     """What each worker's gate counts."""
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx2
 import psutil
+from opentelemetry import trace
 from supervisor.xmlrpc import Faults
 
 from appliance import pool
@@ -146,7 +147,7 @@ class Operator:
 
     def scale(self, count: int) -> Result:
         """Run `count` workers: start new ones and add them once ready, or drain and stop the last."""
-        with self._operation("scale") as state:
+        with self._span("scale", {"mcp_appliance.workers.requested": count}), self._operation("scale") as state:
             if not isinstance(count, int) or isinstance(count, bool):
                 raise BadRequest(f"workers must be an integer, got {count!r}")
             self._require_applied(state)
@@ -156,7 +157,7 @@ class Operator:
 
     def restart_worker(self, index: int) -> Result:
         """Drain, restart and probe one worker; its legacy sessions end (404, re-initialize)."""
-        with self._operation("restart") as state:
+        with self._span("restart", {"mcp_appliance.worker.index": index}), self._operation("restart") as state:
             if not 0 <= index < state.workers:
                 raise BadRequest(f"no worker {index}: the appliance runs workers 0 to {state.workers - 1}")
             self._require_applied(state)
@@ -167,7 +168,7 @@ class Operator:
     def reload(self) -> Result:
         """Re-read appliance.toml and apply it: scale if workers.count changed, restart every worker
         one at a time (drained), reload nginx only if its configuration changed."""
-        with self._operation("reload") as state:
+        with self._span("reload", {}), self._operation("reload") as state:
             try:
                 new = load_settings(Path(state.config_path))
             except ConfigError as exc:
@@ -219,6 +220,16 @@ class Operator:
     def restart_admin(self) -> None:
         """Let supervisord restart the admin app (TERM; autorestart brings it back)."""
         self.supervisor.signal("admin", "TERM")
+
+    @contextlib.contextmanager
+    def _span(self, name: str, attributes: dict[str, Any]) -> Iterator[None]:
+        """The operation as a span (tracing on; the API's no-op otherwise); a failure is its error status."""
+        tracer = trace.get_tracer("mcp-appliance")
+        with tracer.start_as_current_span(f"mcp_appliance.{name}", kind=trace.SpanKind.INTERNAL,
+                                          attributes={"mcp_appliance.operation": name, **attributes}) as span:
+            yield
+            span.set_attributes({"mcp_appliance.workers": self.result.workers,
+                                 "mcp_appliance.operation.seconds": self.result.seconds})
 
     # -- building blocks (the lock is held) ------------------------------------------
 

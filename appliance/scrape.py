@@ -24,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, multiproc_dir, storage_errors
+from appliance.metrics import EdgeEvents, GateMetrics, ProcessEvents, TraceMetrics, multiproc_dir, storage_errors
 from appliance.runtime import live_worker_count
 from appliance.supervisor import SupervisorUnavailable
 from appliance.watchdog import WatchdogMetrics
@@ -73,26 +73,53 @@ def process_families(programs: Iterable[tuple[str, int]]) -> list[Metric]:
     return [cpu, rss, up]
 
 
-def memory_limit() -> float:
-    """The memory this appliance may use: its cgroup's limit, else the machine's RAM."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _own_cgroups(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> list[Path]:
+    """This process's cgroup v2 directory and every parent up to the mount root, innermost first.
+
+    Under systemd the appliance runs in system.slice/mcp-appliance.service, whose MemoryMax= and
+    CPUQuota= are written there, not at the root; a limit of any parent binds as well.
+    """
     try:
-        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if text.isdigit():
-            return float(min(int(text), psutil.virtual_memory().total))
+        lines = proc_cgroup.read_text().splitlines()
     except OSError:
-        pass
-    return float(psutil.virtual_memory().total)
+        return [root]
+    own = next((line[3:] for line in lines if line.startswith("0::")), "/")
+    path = root / own.strip("/")
+    found = []
+    while True:
+        found.append(path)
+        if path == root or root not in path.parents:
+            return found
+        path = path.parent
 
 
-def cpu_limit() -> float:
-    """CPUs this appliance may use: its cgroup's quota, else the machine's count."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            return min(int(quota) / int(period), float(os.cpu_count() or 1))
-    except (OSError, ValueError):
-        pass
-    return float(os.cpu_count() or 1)
+def memory_limit(cgroups: list[Path] | None = None) -> float:
+    """The memory this appliance may use: the tightest memory.max of its cgroups, else the machine's RAM."""
+    limit = psutil.virtual_memory().total
+    for directory in _own_cgroups() if cgroups is None else cgroups:
+        try:
+            text = (directory / "memory.max").read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return float(limit)
+
+
+def cpu_limit(cgroups: list[Path] | None = None) -> float:
+    """CPUs this appliance may use: the tightest cpu.max quota of its cgroups, else the machine's count."""
+    limit = float(os.cpu_count() or 1)
+    for directory in _own_cgroups() if cgroups is None else cgroups:
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()
+            if quota != "max":
+                limit = min(limit, int(quota) / int(period))
+        except (OSError, ValueError):
+            continue
+    return limit
 
 
 _STUB = re.compile(
@@ -259,6 +286,7 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     gate.tool_calls.labels("x", "ok").inc()
     gate.tool_latency.labels("x").observe(0.01)
     ProcessEvents(1, None, registry)
+    TraceMetrics(registry)
     storage_errors(registry).labels("full").inc()
     watchdog = WatchdogMetrics("worker", registry)
     watchdog.unresponsive.labels("0")

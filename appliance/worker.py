@@ -20,6 +20,7 @@ from appliance.answers import AutoAnswers, answer_per_request
 from appliance.config import Settings
 from appliance.gate import WorkerStats, build_gate
 from appliance.lifetime import STOP_MARGIN, die_with_supervisord, stay_reachable_by_the_watchdog
+from appliance.metrics import TraceMetrics
 from appliance.pool import session_socket, worker_socket
 from appliance.state import sealing
 from appliance.state.events import Fanout, WithBus, share_events
@@ -127,6 +128,12 @@ def run_worker(settings: Settings, index: int) -> None:
     die_with_supervisord(settings.run_dir, f"worker-{index:02d}", settings.workers.graceful_timeout + STOP_MARGIN)
     stay_reachable_by_the_watchdog()
     stats = WorkerStats(index=index)
+    # Exported (at 0) with tracing off too, so the alert on dropped spans always has its series.
+    trace_metrics = TraceMetrics()
+    tracing = None
+    if settings.tracing.enabled:  # imported only when on: a worker with tracing off loads no OpenTelemetry SDK
+        from appliance.tracing import setup_tracing
+        tracing = setup_tracing(settings, f"worker-{index:02d}", index, trace_metrics)
     app = build_gate(hosted_app(settings, index), settings, index, stats)
     config = hypercorn_config(settings, index)
     # Everything built so far (the SDK's and the hosted app's modules, models, schemas) lives
@@ -151,8 +158,12 @@ def run_worker(settings: Settings, index: int) -> None:
         await serve(app, config, shutdown_trigger=stopped)  # type: ignore[arg-type]
 
     try:
-        import uvloop
-    except ImportError:  # uvloop is optional: plain asyncio works, a little slower
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+        try:
+            import uvloop
+        except ImportError:  # uvloop is optional: plain asyncio works, a little slower
+            asyncio.run(main())
+        else:
+            uvloop.run(main())
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # the spans of the last requests (bounded by tracing.export_timeout)

@@ -3,7 +3,11 @@
 Measures, on one appliance with 2 workers and the default workers.hang_timeout (30 s):
   1. time from the freeze until no pool slot leads to the frozen worker (several freezes);
   2. a hang of 5 s (SIGCONT after 5 s): calls failed, calls answered, time back in the pool;
-  3. a hang of 60 s: the watchdog restarts the worker; calls failed, time to restart and rejoin.
+  3. a hang of 60 s: the watchdog restarts the worker; calls failed, time to restart and rejoin;
+  4. A/B/A/B: windows of a healthy single worker (the other one drained) alternating with
+     windows of a freeze (from 3 s after it to 3 s + window), each freeze compared with the
+     mean of the single-worker windows on either side of it: the rate of one worker swings by
+     10-15 % between windows here, so only neighbours are compared.
 The load: 8 clients sending tool calls back to back, each giving up on a call after 5 s (as
 wrk's timeout does) and sending the next one. Timings belong here, not in the tests.
 
@@ -109,7 +113,34 @@ async def single_worker_rate(app: Any, load: CallLoad, seconds: float = 10) -> f
         await anyio.sleep(pool.UPSTREAM_IDLE_TIMEOUT + 1)
 
 
-async def measure(freezes: int) -> dict[str, Any]:
+async def frozen_rate(app: Any, load: CallLoad, seconds: float = 10) -> float:
+    """Calls/s answered from 3 s after a SIGSTOP of worker 1 for `seconds` (below hang_timeout: no restart)."""
+    pid = app.worker_pid(1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await anyio.sleep(3)
+        start = time.monotonic()
+        await anyio.sleep(seconds)
+        return load.succeeded(start, start + seconds) / seconds
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await anyio.to_thread.run_sync(lambda: wait_until(lambda: in_pool(app, 1), 30, "back in the pool", 0.02))
+        await anyio.sleep(pool.UPSTREAM_IDLE_TIMEOUT + 1)
+
+
+async def interleaved(app: Any, load: CallLoad, rounds: int) -> list[dict[str, float]]:
+    """A/B/A/B: single, freeze, single, freeze, …, single; each freeze with the mean of its two neighbours."""
+    singles = [await single_worker_rate(app, load)]
+    pairs = []
+    for _ in range(rounds):
+        frozen = await frozen_rate(app, load)
+        singles.append(await single_worker_rate(app, load))
+        neighbours = (singles[-2] + singles[-1]) / 2
+        pairs.append({"frozen": frozen, "single": neighbours, "ratio": frozen / neighbours})
+    return pairs
+
+
+async def measure(freezes: int, rounds: int) -> dict[str, Any]:
     app = new_appliance(2)
     results: dict[str, Any] = {}
     with running(app):
@@ -130,6 +161,7 @@ async def measure(freezes: int) -> dict[str, Any]:
             after = await single_worker_rate(app, load)
             results["single_ok_per_s_each"] = [before, after]
             results["single_ok_per_s"] = (before + after) / 2
+            results["interleaved"] = await interleaved(app, load, rounds)
     return results
 
 
@@ -157,15 +189,22 @@ def report(r: dict[str, Any]) -> str:
         else:
             line += f"; back in the pool {h['back_after_end']:.2f} s after SIGCONT"
         lines.append(line)
+    pairs = r["interleaved"]
+    lines.append(
+        f"- A/B/A/B, {len(pairs)} freezes of 13 s between 10 s windows of one healthy worker: calls/s answered from 3 s "
+        f"after the freeze on, against the mean of the neighbouring single-worker windows: "
+        + ", ".join(f"{p['frozen']:.0f}/{p['single']:.0f} ({p['ratio']:.0%})" for p in pairs)
+        + f"; median {statistics.median(p['ratio'] for p in pairs):.0%}")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--freezes", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4, help="freezes in the A/B/A/B comparison")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    text = report(anyio.run(measure, args.freezes))
+    text = report(anyio.run(measure, args.freezes, args.rounds))
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -29,6 +29,17 @@ echo "== test venv ($TEST_VENV, Debian's python3 so the service user can run it)
 "$TEST_VENV/bin/pip" install -q --upgrade pip
 "$TEST_VENV/bin/pip" install -q ".[test]"
 
+echo "== third-party MCP servers for the stdio bridge tests (tests/third_party.py finds them here)"
+# Debian's nodejs and npm unless a Node.js with its own npm is there already (NodeSource's
+# nodejs bundles npm and conflicts with Debian's npm package).
+command -v npm >/dev/null || apt-get install -y -q --no-install-recommends nodejs npm >/dev/null
+npm install --prefix "$TEST_VENV/npm" --no-audit --no-fund --loglevel=error \
+    @modelcontextprotocol/server-everything @modelcontextprotocol/server-filesystem \
+    supergateway >/dev/null
+# mcp-server-time pins its own mcp: a venv of its own.
+[ -x "$TEST_VENV/time-venv/bin/python" ] || /usr/bin/python3 -m venv "$TEST_VENV/time-venv"
+"$TEST_VENV/time-venv/bin/pip" install -q mcp-server-time
+
 echo "== tool venv ($MCP_TOOLS_VENV: ansible, linters, schema validators)"
 [ -x "$MCP_TOOLS_VENV/bin/python" ] || /usr/bin/python3 -m venv "$MCP_TOOLS_VENV"
 "$MCP_TOOLS_VENV/bin/pip" install -q -r tests/tools-requirements.txt

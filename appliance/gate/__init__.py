@@ -40,7 +40,7 @@ def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats,
         lambda a: HealthProbe(a, stats),
         lambda a: RequestContext(a, stats),
         # Records every request from here on: audit line and metrics, once it is answered.
-        lambda a: Outcome(a, s.sinks(index, settings.audit.raw_arguments)),
+        outcome := lambda a: Outcome(a, s.sinks(index, settings.audit.raw_arguments)),
         lambda a: Drain(a, stats),
         lambda a: HostOriginCheck(a, mcp.allowed_hosts, mcp.allowed_origins),
         lambda a: BodyLimit(a, mcp.max_body_bytes),
@@ -49,11 +49,20 @@ def build_gate(app: ASGIApp, settings: Settings, index: int, stats: WorkerStats,
         *([lambda a: RateLimit(a, buckets, settings.limits.retry_after, by_address, s.metrics.refused)]
           if buckets is not None else []),
         # The body is read and parsed once, here, for the session caps, the policy, the audit record and the metrics.
-        lambda a: JsonRpcBody(a, mcp.path),
+        body := lambda a: JsonRpcBody(a, mcp.path),
         lambda a: SessionBinding(a, stats.sessions, by_address, s.metrics.refused, settings.limits.retry_after),
         lambda a: PolicyCheck(a, s.policy),
         lambda a: SessionOwnership(a, settings.node.ordinal, index),
     ]
+    if settings.tracing.enabled:
+        # Imported only when on: a worker with tracing off has no tracing layer and loads no SDK.
+        from opentelemetry import trace
+
+        from appliance.gate.tracing import MetaParent, ServerSpan
+        tracer = trace.get_tracer("mcp-appliance")
+        # Inside Outcome (its record has the span's trace id); the body's `_meta` parent is read after JsonRpcBody.
+        layers.insert(layers.index(outcome) + 1, lambda a: ServerSpan(a, tracer, index, mcp.path))
+        layers.insert(layers.index(body) + 1, MetaParent)
     if s.audit is not None and audit_refuses(settings):
         # Last, right before the hosted app: a call whose record would have no room never runs.
         layers.append(lambda a: AuditGuard(a, s.audit))  # type: ignore[arg-type]

@@ -294,6 +294,8 @@ class AuditRecorder:
             record["reason"] = ex.denied
         if ex.violation:
             record["violation"] = ex.violation
+        if ex.trace_id is not None:
+            record["trace_id"] = ex.trace_id
         self.writer.write(record)
 
 

@@ -44,6 +44,8 @@ class Exchange:
     violation: str | None = None
     #: The JSON-RPC response to the request, once seen: ("result" | "error", isError).
     answer: tuple[str, bool] | None = None
+    #: The trace the request's span belongs to (32 hex digits; None with tracing off).
+    trace_id: str | None = None
     done: bool = False
 
     @property

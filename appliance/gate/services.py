@@ -83,6 +83,9 @@ def check_gate(settings: Settings) -> None:
                 raise ConfigError(f"'tls.{key}' = '{path}': not readable")
     if settings.admin.token_file:
         keys.read_admin_token(settings)
+    if settings.tracing.enabled and settings.tracing.headers_file:
+        from appliance.tracing import read_headers
+        read_headers(settings.tracing.headers_file)
 
 
 def _readable_by(path: Path, user: pwd.struct_passwd) -> bool:
@@ -106,6 +109,8 @@ def preflight_gate(settings: Settings, as_root: bool) -> None:
                   "jwt": [("auth.jwt_key_file", settings.auth.jwt_key_file)]}.get(settings.auth.mode, [])
         if settings.admin.token_file:
             needed.append(("admin.token_file", Path(settings.admin.token_file)))
+        if settings.tracing.enabled and settings.tracing.headers_file:
+            needed.append(("tracing.headers_file", Path(settings.tracing.headers_file)))
         for key, path in needed:
             if not _readable_by(path, user):
                 raise ConfigError(f"'{key}' = '{path}': not readable by the service user {settings.user!r} "

@@ -23,6 +23,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -181,6 +182,25 @@ def storage_failure(exc: sqlite3.Error) -> tuple[str, str] | None:
     return STORAGE_FAILURES.get(code & 0xFF) if isinstance(code, int) else None
 
 
+#: How long opening the database retries a lock that SQLite reports without waiting, in seconds.
+BUSY_RETRY_SECONDS = 5.0
+
+
+def _retry_busy(step: Callable[[], T], deadline: float = BUSY_RETRY_SECONDS) -> T:
+    """`step()`, retried with a short backoff while SQLite answers SQLITE_BUSY, up to `deadline` seconds."""
+    end = time.monotonic() + deadline
+    pause = 0.005
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if not isinstance(code, int) or code & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() + pause > end:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 class SqliteNotes:
     """The embedded default for one host: one lazily opened SQLite connection per process, serialized by a lock."""
 
@@ -228,7 +248,10 @@ class SqliteNotes:
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching a new file to WAL needs a lock that SQLite does not wait for (the busy
+            # handler is not consulted): when two workers open a new database at once, one gets
+            # "database is locked" at once. Measured: 16 of 450 racing first opens failed.
+            _retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
             with _write(conn):  # serializes schema creation when several workers start at once
                 for statement in _SCHEMA:

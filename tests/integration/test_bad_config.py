@@ -73,6 +73,9 @@ BAD_FILES = [
     pytest.param(("mcp", "sessions", "yes"), ("'mcp.sessions'", "true or false"), id="bad-bool"),
     pytest.param((None, "environment", "prod"), ("'environment'", "expected one of"), id="bad-choice"),
     pytest.param(("mcp", "app", "no_such_module:app"), ("mcp.app", "no_such_module"), id="unimportable-app"),
+    pytest.param(("tracing", "endpoint", "collector:4318"), ("'tracing.endpoint'", "'collector:4318'", "http://"),
+                 id="bad-tracing-endpoint"),
+    pytest.param(("tracing", "sample_ratio", 2), ("'tracing.sample_ratio'", "2.0", "0 to 1"), id="bad-sample-ratio"),
     pytest.param(("mcp", "app", "appliance.servers.notes:no_such_server"), ("mcp.app", "no_such_server"),
                  id="missing-app-attribute"),
 ]
@@ -85,6 +88,12 @@ def test_bad_config_file_is_refused_before_anything_starts(
 ) -> None:
     set_key(appliance, *change)
     assert_refused(appliance, command, *needles)
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_an_unreadable_tracing_headers_file_is_refused(appliance: Appliance, command: str) -> None:
+    appliance.settings["tracing"] = {"enabled": True, "headers_file": str(appliance.base / "no-such-headers")}
+    assert_refused(appliance, command, "'tracing.headers_file'", "cannot be read")
 
 
 @pytest.mark.parametrize("command", ["check", "run"])

@@ -99,6 +99,9 @@ def test_a_full_audit_disk_refuses_calls_with_503_before_they_run_and_recovers(m
         assert refused and answered and {s[0] for s in sent} <= {200, 503}, {s[0] for s in sent}
         for s in refused:
             assert_refusal(s[3])
+        # A call that ran answers with its note, never with a tool error (the notes disk is not full).
+        failed_tools = [s[3] for s in answered if not isinstance(s[3], dict) or s[3].get("result", {}).get("isError")]
+        assert not failed_tools, failed_tools[:3]
         # Nothing ran unaudited: every note in the database was added by an answered, recorded call.
         by_id = {r["request_id"] for r in audit_records(app)}
         assert all(s[1] in by_id for s in answered), "an answered call has no audit record"

@@ -42,7 +42,10 @@ STRING_SAMPLES = {
     "auth.api_key_header": "X-Agent-Key",
     "auth.resource_url": "https://mcp.example.com/mcp",
     "state.keys_file": "/etc/mcp-appliance/secrets/request-state.keys",
+    "tracing.headers_file": "/etc/mcp-appliance/otlp-headers",
 }
+#: Valid non-default values for number keys whose validation restricts them.
+FLOAT_SAMPLES = {"tracing.sample_ratio": 0.25}
 
 #: Valid non-default values for list keys whose validation restricts them.
 LIST_SAMPLES = {
@@ -81,7 +84,7 @@ def sample(key: str, hint: Any) -> Any:
     if hint is int:
         return default + 1  # stays valid for every integer key (ports, counts, limits)
     if hint is float:
-        return default + 0.5
+        return FLOAT_SAMPLES.get(key, default + 0.5)
     if hint is Path:
         return f"/srv/appliance-test/{key}"
     if hint is str:
@@ -277,7 +280,14 @@ def test_port_clash_names_both_keys(tmp_path: Path, data: dict[str, Any], both: 
      ({"mcp": {"path": "/health"}}, "mcp.path"),
      ({"http": {"port": 70000}}, "http.port"),
      ({"http": {"host": "example.com"}}, "http.host"),
-     ({"data_dir": "relative/dir"}, "data_dir")],
+     ({"data_dir": "relative/dir"}, "data_dir"),
+     ({"tracing": {"endpoint": "127.0.0.1:4318"}}, "tracing.endpoint"),
+     ({"tracing": {"endpoint": "grpc://collector:4317"}}, "tracing.endpoint"),
+     ({"tracing": {"endpoint": "http://collector:99999/v1/traces"}}, "tracing.endpoint"),
+     ({"tracing": {"sample_ratio": 1.5}}, "tracing.sample_ratio"),
+     ({"tracing": {"sample_ratio": -0.1}}, "tracing.sample_ratio"),
+     ({"tracing": {"queue_size": 0}}, "tracing.queue_size"),
+     ({"tracing": {"headers_file": "otlp-headers"}}, "tracing.headers_file")],
 )
 def test_cross_field_checks_name_the_key(tmp_path: Path, data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -50,6 +50,8 @@ MOVED_BY = {
         "tests/integration/test_alert_metrics.py::test_audit_records_that_cannot_be_written_are_counted",
     "mcp_appliance_storage_errors_total":
         "tests/integration/test_full_disk.py::test_a_full_data_disk_makes_add_note_say_storage_full_while_reads_work",
+    "mcp_appliance_trace_spans_dropped_total":
+        "tests/integration/test_tracing.py::test_a_receiver_that_is_down_or_slow_never_fails_a_call_and_drops_are_counted",
     "mcp_appliance_security_violations_total":
         "tests/integration/test_metrics.py::test_requests_tools_authz_and_violations_are_counted_by_label",
 }

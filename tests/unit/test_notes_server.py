@@ -304,3 +304,34 @@ async def test_a_full_disk_makes_add_note_say_storage_full_and_reads_keep_workin
             await ok(client, "add_note", {"title": "after", "body": "space again"})
             assert not any("notes database" in r for r in PROCESS_CONDITIONS.reasons())
 
+
+
+def _add_first_note(path: str, barrier: Any, errors: Any) -> None:
+    from appliance.servers.notes_storage import SqliteNotes
+
+    store = SqliteNotes(lambda: Path(path))
+    barrier.wait()
+    try:
+        store.add(f"from {os.getpid()}", "b", [])
+    except Exception as exc:  # the test reports what a worker's first call would have answered
+        errors.put(repr(exc))
+
+
+def test_workers_opening_a_new_notes_database_at_once_all_save_their_first_note(tmp_path: Path) -> None:
+    """Two workers' first calls on a fresh host used to race SQLite's switch to WAL ("database is locked")."""
+    import multiprocessing
+    import sqlite3
+
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    for round_ in range(60):
+        path = str(tmp_path / f"notes-{round_}.db")
+        barrier = ctx.Barrier(3)
+        procs = [ctx.Process(target=_add_first_note, args=(path, barrier, errors)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert errors.empty(), errors.get()
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT count(*) FROM notes").fetchone()[0] == 3
