@@ -109,28 +109,31 @@ def model(m: dict[str, Any], n: int) -> list[str]:
     """calls/s on C cores from the CPU each process spends per call (see the assumptions printed)."""
     c = cpu_of(m, "app-json/modern")
     one = cpu_of(m, "app1-json/modern")
-    parallel = c.get("workers", 0.0) + c.get("nginx", 0.0)  # one worker per core, nginx worker_processes auto
-    serial = {p: c.get(p, 0.0) for p in ("supervisord", "admin", "events")}  # one process each, whatever C is
-    per_call = parallel + sum(serial.values())
+    rps = wrk.median(m["runs"]["app-json/modern"]).rps
+    per_call = sum(c.get(p, 0.0) for p in ("workers", "nginx", "supervisord", "events"))
+    supervisord = c.get("supervisord", 0.0)
+    # The admin app probes every worker and merges their metric files on a timer: CPU per second, not per call.
+    admin_cores = c.get("admin", 0.0) * rps / 1e6
     lines = [
         f"Per 2026-07-28 `add` call (JSON), microseconds of CPU: N={n}: workers {c.get('workers', 0):.0f}, nginx "
-        f"{c.get('nginx', 0):.0f}, supervisord {serial['supervisord']:.1f}, admin app {serial['admin']:.1f}, event "
-        f"listener {serial['events']:.1f}; N=1: workers {one.get('workers', 0):.0f}, nginx {one.get('nginx', 0):.0f}.",
+        f"{c.get('nginx', 0):.0f}, supervisord {supervisord:.1f} (nginx's access log through its pipe), event "
+        f"listener {c.get('events', 0):.1f}; the admin app {admin_cores * 1000:.1f} ms of CPU per second at N={n} "
+        f"({c.get('admin', 0):.1f} us per call at {rps:.0f} calls/s). N=1: workers {one.get('workers', 0):.0f}, "
+        f"nginx {one.get('nginx', 0):.0f}.",
         "",
-        "Model: calls/s = min(C x 10^6 / (workers + nginx + the single processes' us per call), and for each single "
-        "process 10^6 / its us per call). Assumptions: one worker per core and `worker_processes auto` (one nginx "
-        "worker per core), the clients on other machines (wrk's CPU is left out), per-call CPU as measured at "
-        f"N={n} (no further contention: the workers share only the rate table, one fcntl lock per call for a "
-        "non-exempt client, and the metrics directory, one file per process), the admin app's /metrics scrape "
-        "costs per scrape, not per call (it reads one file per process: its cost grows with N, not with calls/s).",
-        "", "| cores | calls/s (all cores) | limit of the busiest single process | first limit |", "|---:|---:|---:|---|"]
+        "Model: calls/s(C) = min((C - admin(C)) x 10^6 / (workers + nginx + supervisord + events us per call), "
+        "10^6 / supervisord's us per call), admin(C) = the admin app's cores at N, times C / N. Assumptions: one "
+        "worker per core and `worker_processes auto` (one nginx worker per core); the clients on other machines "
+        f"(wrk's CPU left out); the per-call CPU measured at N={n} holds at every N (the workers share only the rate "
+        "table, one fcntl lock per call of a non-exempt client, and the metrics directory, one file each); "
+        "supervisord is one process reading the one log pipe of nginx and the workers.",
+        "", "| cores | calls/s | supervisord's own limit | first limit |", "|---:|---:|---:|---|"]
     for cores in CORES:
-        total = cores * 1e6 / per_call if per_call else 0.0
-        single = {p: (1e6 / us if us > 0.05 else float("inf")) for p, us in serial.items()}
-        busiest = min(single, key=lambda p: single[p])
-        limit = f"{single[busiest]:.0f} ({busiest})" if single[busiest] != float("inf") else "none measurable"
-        first = busiest if single[busiest] < total else "the cores (workers + nginx)"
-        lines.append(f"| {cores} | {min(total, single[busiest]):.0f} | {limit} | {first} |")
+        busy = admin_cores * cores / n
+        total = (cores - busy) * 1e6 / per_call if per_call else 0.0
+        single = 1e6 / supervisord if supervisord > 0.05 else float("inf")
+        first = "supervisord (log pipe)" if single < total else "the cores (workers, then nginx)"
+        lines.append(f"| {cores} | {min(total, single):.0f} | {single:.0f} | {first} |")
     return lines
 
 
