@@ -34,9 +34,11 @@ LABEL org.opencontainers.image.title="mcp-appliance" \
       org.opencontainers.image.licenses="MIT"
 
 # Versions are not pinned: bookworm's security updates replace old ones on the mirror.
+# nodejs and npm: npx for stdio servers from npm (uvx, for PyPI, is in the venv); their caches
+# go under /var/lib/mcp-appliance (appliance/toolchain.py), trusting ca-certificates' bundle.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nginx-light tini \
+ && apt-get install -y --no-install-recommends nginx-light tini nodejs npm ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 mcp-appliance \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/mcp-appliance --no-create-home \

@@ -25,7 +25,7 @@ def _render_context(settings: Settings, path: Path, nginx: str) -> object:
     from appliance.render import RenderContext, cli_command
 
     return RenderContext(command=cli_command(sys.executable, path), nginx=nginx, as_root=os.geteuid() == 0,
-                         nameservers=read_nameservers())
+                         nameservers=read_nameservers(), bin_dir=str(Path(sys.executable).parent))
 
 
 def cmd_check(settings: Settings, path: Path, args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ ENV_RESERVED = frozenset({"MCP_APPLIANCE_CONFIG"})
 
 Environment = Literal["development", "staging", "production"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+JsonResponse = Literal["auto", True, False]
 
 
 class ConfigError(Exception):
@@ -106,8 +107,11 @@ class McpSettings:
     path: str = "/mcp"
     #: Legacy (2025-11-25 and earlier) sessions; false makes the legacy era stateless.
     sessions: bool = True
-    #: Answer POSTs with one JSON body instead of an SSE stream.
-    json_response: bool = False
+    #: How POSTs are answered: true, one JSON body (a call's progress and log messages are dropped);
+    #: false, an SSE stream; "auto", one JSON body for each 2026-07-28 request that asks for nothing to
+    #: be streamed (no progressToken or log level in params._meta, not subscriptions/listen) and a stream
+    #: for every other request (legacy ones always). "auto" applies to an MCPServer; another app gets false.
+    json_response: JsonResponse = "auto"
     #: Seconds without a request after which a legacy session is closed (then 404).
     session_idle_timeout: int = 1800
     #: Open legacy sessions per worker; beyond it a new session gets 503.
@@ -363,8 +367,9 @@ class ServerSettings:
     isolation: Literal["shared", "session"] = "shared"
     #: Children of this command one worker runs at most (only with command); beyond it a new session gets 503.
     max_children: int = 32
-    #: Answer POSTs with one JSON body instead of an SSE stream; absent: mcp.json_response.
-    json_response: bool = False
+    #: Answer POSTs with one JSON body (true), an SSE stream (false) or as each asks ("auto", an MCPServer
+    #: only; a command server streams), as mcp.json_response; absent: mcp.json_response.
+    json_response: JsonResponse = "auto"
     #: Legacy (2025-11-25 and earlier) sessions; false makes the legacy era stateless; absent: mcp.sessions.
     sessions: bool = True
     #: Policy rules for this server's tools, resources and prompts, as policy.rules; absent: policy.rules.
@@ -659,7 +664,7 @@ def _build_servers(raw: Any, path: str, mcp: McpSettings) -> tuple[ServerSetting
 
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else repr(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}.get(hint, str(hint))
@@ -670,7 +675,8 @@ def _coerce(key: str, value: Any, hint: Any, path: str) -> Any:
     bad = ConfigError(f"{path}: '{key}' = {value!r} is invalid: expected {_describe(hint)}")
     origin = typing.get_origin(hint)
     if origin is Literal:
-        if value not in typing.get_args(hint):
+        # By type too: 1 == True, but 1 is not a TOML boolean.
+        if not any(value == a and type(value) is type(a) for a in typing.get_args(hint)):
             raise bad
         return value
     if origin is tuple:
@@ -700,12 +706,16 @@ def _coerce(key: str, value: Any, hint: Any, path: str) -> Any:
     raise TypeError(f"no coercion for {hint}")  # a programming error, not an operator's
 
 
+_BOOL_WORDS = frozenset({"1", "0", "true", "false", "yes", "no", "on", "off"})
+
+
 def _from_env(key: str, text: str, hint: Any) -> Any:
     """An environment string parsed as the field's type."""
     name = env_name(key)
     origin = typing.get_origin(hint)
     try:
-        if hint is bool:
+        if hint is bool or (origin is Literal and text.strip().lower() in _BOOL_WORDS
+                            and any(isinstance(a, bool) for a in typing.get_args(hint))):
             lowered = text.strip().lower()
             if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
                 raise ValueError

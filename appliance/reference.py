@@ -45,7 +45,7 @@ def _field_docs() -> dict[tuple[str, str], str]:
 def _type_name(hint: typing.Any) -> str:
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
-        return " \\| ".join(f'`"{a}"`' for a in typing.get_args(hint))
+        return " \\| ".join(f"`{toml_value(a)}`" for a in typing.get_args(hint))
     if origin is tuple:
         return "list of strings"
     return {int: "integer", float: "number", bool: "boolean", str: "string", Path: "path"}.get(hint, str(hint))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jinja2
 
-from appliance import peers, pool
+from appliance import peers, pool, toolchain
 from appliance.lifetime import supervisord_pidfile
 from appliance.config import Settings
 from appliance.metrics import edge_socket, multiproc_dir
@@ -40,6 +40,8 @@ class RenderContext:
     as_root: bool = False
     #: This machine's DNS servers (from /etc/resolv.conf), for looking up peer nodes by name.
     nameservers: tuple[str, ...] = ()
+    #: The appliance venv's bin directory (uvx, beside this Python), put first on the programs' PATH.
+    bin_dir: str = ""
 
 
 def _environment() -> jinja2.Environment:
@@ -120,12 +122,7 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "nginx": ctx.nginx,
         "graceful_timeout": settings.workers.graceful_timeout,
         "read_timeout": settings.workers.read_timeout,
-        # Workers, the admin app and the event listener write metrics files there (appliance/metrics.py).
-        "environment": f'MCP_APPLIANCE_DATA_DIR="{settings.data_dir}",'
-                       f'PROMETHEUS_MULTIPROC_DIR="{multiproc_dir(settings.run_dir)}"'
-                       # The hosted-app contract for the notes' database (the path, never the URL).
-                       + (f',MCP_APPLIANCE_NOTES_DATABASE_URL_FILE="{settings.notes.database_url_file}"'
-                          if settings.notes.database_url_file else ""),
+        "environment": _program_environment(settings, ctx),
         "session_gone_body": SESSION_GONE_BODY,
         "node_tag": f"n{settings.node.ordinal}",
         "peer_routes": peers.peer_routes(settings),
@@ -134,6 +131,22 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "forwarded_variable": "$http_" + peers.FORWARDED_HEADER.lower().replace("-", "_"),
         **_gate_values(settings),
     }
+
+
+def _program_environment(settings: Settings, ctx: RenderContext) -> str:
+    """supervisord's `environment` value for the workers, the admin app and the event listener."""
+    values = {
+        "MCP_APPLIANCE_DATA_DIR": str(settings.data_dir),
+        # Workers, the admin app and the event listener write metrics files there (appliance/metrics.py).
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir(settings.run_dir)),
+        # npx and uvx for stdio servers: home, caches and CA bundle (appliance/toolchain.py).
+        **toolchain.runner_environment(settings.data_dir),
+        "PATH": toolchain.runner_path(ctx.bin_dir),
+    }
+    if settings.notes.database_url_file:
+        # The hosted-app contract for the notes' database (the path, never the URL).
+        values["MCP_APPLIANCE_NOTES_DATABASE_URL_FILE"] = settings.notes.database_url_file
+    return ",".join(f'{name}="{value}"' for name, value in values.items())
 
 
 def _gate_values(settings: Settings) -> dict[str, object]:

@@ -17,6 +17,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp
 
+from appliance.answers import AutoAnswers, answer_per_request
 from appliance.config import DEFAULT_SERVER, ServerSettings, Settings, server_key
 from appliance.gate import WorkerStats, build_gate
 from appliance.gate.stats import ServerHealth
@@ -86,7 +87,7 @@ def hosted_app(settings: Settings, index: int = 0, server: ServerSettings | None
         bus = share_events(target, event_fanout(settings, index, server.name))
         app = target.streamable_http_app(
             streamable_http_path=server.path,
-            json_response=server.json_response,
+            json_response=server.json_response is True,
             stateless_http=not server.sessions,
             max_request_body_size=mcp.max_body_bytes,
             session_idle_timeout=mcp.session_idle_timeout,
@@ -95,6 +96,9 @@ def hosted_app(settings: Settings, index: int = 0, server: ServerSettings | None
             # app; the SDK's own check would see nginx's view and answer 421.
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
+        if server.json_response == "auto":
+            answer_per_request(target.session_manager)
+            app = AutoAnswers(app)
         return app if bus is None else WithBus(app, bus)
     if callable(target):
         return target  # type: ignore[no-any-return]
@@ -113,7 +117,7 @@ def stdio_spec(server: ServerSettings, settings: Settings) -> Any:
         isolation=server.isolation,
         max_children=server.max_children,
         idle_timeout=float(settings.mcp.session_idle_timeout),
-        json_response=server.json_response,
+        json_response=server.json_response is True,  # "auto" is for an MCPServer: the bridge answers with streams
         sessions=server.sessions,
         path=server.path,
         max_sessions=settings.mcp.max_sessions,

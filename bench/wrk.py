@@ -94,7 +94,7 @@ local pause = 0
 function init(args) if args[1] then pause = tonumber(args[1]) end end
 function delay() return pause end
 local function check(status, body)
-  if status ~= 200 or not string.find(body, '"isError":false', 1, true) then bad = bad + 1 end
+  if status ~= 200 or not string.find(body, SUCCESS, 1, true) then bad = bad + 1 end
 end
 function done(summary, latency, requests)
   local total = 0
@@ -120,12 +120,19 @@ def _call(tool: str, arguments: dict[str, Any], meta: bool) -> str:
     return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}, separators=(",", ":"))
 
 
-def script(kind: str, tool: str, arguments: dict[str, Any], headers: Mapping[str, str] | None = None) -> str:
-    """The Lua script for one kind of traffic; `headers` go with every request (e.g. Authorization)."""
+#: What a successful tool result's body holds (the Python SDK always writes isError).
+SUCCESS = '"isError":false'
+
+
+def script(kind: str, tool: str, arguments: dict[str, Any], headers: Mapping[str, str] | None = None,
+           success: str = SUCCESS) -> str:
+    """The Lua script for one kind of traffic; `headers` go with every request (e.g. Authorization);
+    an answer counts as a success when its body holds `success`."""
     extra = dict(headers or {})
+    common = f"SUCCESS = {_lua_str(success)}\n" + _COMMON
     if kind == "modern":
         lua_headers = _headers({"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool, **extra})
-        return _COMMON + f"""
+        return common + f"""
 wrk.method = "POST"
 wrk.body = {_lua_str(_call(tool, arguments, meta=True))}
 wrk.headers = {lua_headers}
@@ -133,7 +140,7 @@ function response(status, headers, body) check(status, body) end
 """
     if kind == "stateless":
         lua_headers = _headers({"MCP-Protocol-Version": LEGACY, **extra})
-        return _COMMON + f"""
+        return common + f"""
 wrk.method = "POST"
 wrk.body = {_lua_str(_call(tool, arguments, meta=False))}
 wrk.headers = {lua_headers}
@@ -143,7 +150,7 @@ function response(status, headers, body) check(status, body) end
         initialize = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}})
         initialized = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        return _COMMON + f"""
+        return common + f"""
 local state, sid = 0, nil
 local base = {_headers({"MCP-Protocol-Version": LEGACY, **extra})}
 local function with_session()
@@ -172,16 +179,18 @@ end
 
 
 def run(url: str, kind: str, seconds: float, connections: int, tool: str, arguments: dict[str, Any],
-        rate: float | None = None, threads: int = 2, headers: Mapping[str, str] | None = None) -> Figures:
+        rate: float | None = None, threads: int = 2, headers: Mapping[str, str] | None = None,
+        success: str = SUCCESS, prefix: tuple[str, ...] = ()) -> Figures:
     """One wrk run; `rate` (requests/s per connection) makes it a paced, moderate load; `headers`
-    are sent with every request besides the MCP ones (credentials)."""
+    are sent with every request besides the MCP ones (credentials); `prefix` runs wrk through
+    another command (e.g. nsenter into a network namespace)."""
     if kind == "sessions":
         threads = connections  # one connection per thread: per-thread Lua state = per-connection session
     threads = min(threads, connections)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{kind}.lua"
-        path.write_text(script(kind, tool, arguments, headers))
-        argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
+        path.write_text(script(kind, tool, arguments, headers, success))
+        argv = [*prefix, "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
                 "-s", str(path), url]
         if rate:
             argv += ["--", str(int(1000 / rate))]

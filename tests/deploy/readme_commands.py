@@ -13,7 +13,8 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = re.compile(r"^<!-- run verbatim by tests/deploy/test_install\.py: ([\w-]+) -->$")
 #: The blocks the booted-host test runs (tests/deploy/test_install.py).
-BLOCKS = ("install", "first-steps", "curl-tools", "admin-token", "upgrade", "backup", "restore", "uninstall")
+BLOCKS = ("install", "first-steps", "curl-tools", "admin-token", "preinstall", "upgrade", "backup", "restore",
+          "uninstall")
 
 
 def readme_blocks(text: str | None = None) -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
+import yaml
 
 from tests.deploy.deploy_tools import missing, require_root, require_tool, tools_env
 from tests.harness import free_port_block, wait_until
@@ -70,6 +72,15 @@ def test_role_renders_only_appliance_toml() -> None:
     assert sorted(p.name for p in (ROLE / "templates").iterdir()) == ["appliance.toml.j2"]
     unit = REPO / "systemd" / "mcp-appliance.service"
     assert not list(ROLE.rglob(unit.name)), "the unit is copied from systemd/, not kept in the role"
+
+
+def test_role_installs_node_npm_and_the_ca_bundle_and_its_venv_gets_uvx() -> None:
+    """npx (Debian's nodejs and npm) and uvx (uv, a dependency of the wheel the role installs
+    into the venv) for stdio servers; npm and uv trust ca-certificates' bundle."""
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    assert {"nodejs", "npm", "ca-certificates"} <= set(defaults["mcp_appliance_packages"])
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert any(re.match(r"uv\b", requirement) for requirement in project["dependencies"])
 
 
 # --- The booted host -------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import yaml
 from appliance.config import Settings
 from tests.deploy.dockerfile import DOCKERFILE, Stage, runtime_stage, stages
 from tests.deploy.deploy_tools import missing, require_tool
+from tests.deploy.runner_packages import MARKER, npm_tarball, npx_argv, uvx_argv, wheel
 from tests.harness import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,6 +78,8 @@ def test_only_the_built_venv_and_debian_packages_reach_the_runtime_stage(image: 
     assert any(f"--from={build.name} {IMAGE_VENV} {IMAGE_VENV}" == text for text in image.args("COPY"))
     assert not any("--from" not in text for text in image.args("COPY")), "the runtime takes only the built venv"
     assert any("nginx-light" in run and "tini" in run and "--no-install-recommends" in run for run in image.args("RUN"))
+    # npx for stdio servers from npm (uvx comes with the venv: uv is a dependency).
+    assert any(" nodejs " in run and " npm " in run for run in image.args("RUN"))
     assert build.base == image.base  # the venv's interpreter path must exist in the runtime
 
 
@@ -180,11 +183,12 @@ class Container:
     env: dict[str, str]
 
     def enter(self, *cmd: str, mount: bool = False, as_user: bool = False, timeout: float = 120,
-              ) -> subprocess.CompletedProcess[str]:
-        """Run `cmd` in the container's network (and mount) namespace, as root or as its user."""
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `cmd` in the container's network (and mount) namespace, as root or as its user
+        (with the image's environment, or `env`)."""
         ns = ["nsenter", f"--target={self.init.pid}", "--net", *(["--mount"] if mount else [])]
         user = ["setpriv", f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--init-groups",
-                "--", "env", "-i", *[f"{k}={v}" for k, v in self.env.items()]] if as_user else []
+                "--", "env", "-i", *[f"{k}={v}" for k, v in (env or self.env).items()]] if as_user else []
         return subprocess.run([*ns, "--", *user, *cmd], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
     def processes(self) -> list[int]:
@@ -342,6 +346,29 @@ def test_it_wrote_its_state_where_documented_and_logged_to_stdout(container: Con
     wait_until(health_logged, 10, "an access log line for /health on stdout")
     assert "supervisord started" in container.output.read_text(errors="replace")
     assert not list(container.writable[paths["log"]].glob("*.log"))
+
+
+def test_npx_and_uvx_run_as_the_containers_user_with_a_workers_environment(container: Container, image: Stage) -> None:
+    """On the read-only root, with what a worker's environment says (read from the worker),
+    npx and uvx install a package into their caches in the data volume and run it."""
+    def a_worker() -> int | None:
+        return next((pid for pid in container.processes() if "--index" in psutil.Process(pid).cmdline()), None)
+
+    raw = Path(f"/proc/{wait_until(a_worker, 30, 'a worker process in the container')}/environ").read_bytes()
+    env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    paths = writable_paths(image)
+    scratch = container.writable[paths["tmp"]] / "packages"
+    scratch.mkdir()
+    scratch.chmod(0o755)
+    inside = f"{paths['tmp']}/packages"
+    for argv in (("npx", "--version"), ("uvx", "--version")):
+        result = container.enter(*argv, mount=True, as_user=True, env=env)
+        assert result.returncode == 0, (argv, result.stdout, result.stderr)
+    for argv in (npx_argv(f"{inside}/{npm_tarball(scratch).name}"), uvx_argv(f"{inside}/{wheel(scratch).name}")):
+        result = container.enter(*argv, mount=True, as_user=True, env=env)
+        assert (result.returncode, result.stdout.strip()) == (0, MARKER), (argv, result.stdout, result.stderr)
+    data = container.writable[paths["data"]]
+    assert (data / ".npm" / "_npx").is_dir() and (data / ".cache" / "uv").is_dir()
 
 
 def test_sigterm_stops_everything_cleanly(container: Container) -> None:

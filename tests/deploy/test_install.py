@@ -226,6 +226,82 @@ def test_readme_first_steps_run_as_printed(host: Host) -> None:
     host.sh(f"setpriv --reuid=mcp-appliance --regid=mcp-appliance --init-groups cat {KEYS_FILE} >/dev/null")
 
 
+#: The unit's directives that make its sandbox (not how it starts or stops): a transient unit
+#: with these runs a command as the workers run, under the same hardening.
+SANDBOX = ("User", "Group", "UMask", "StateDirectory", "StateDirectoryMode", "CapabilityBoundingSet",
+           "AmbientCapabilities", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
+           "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+           "ProtectControlGroups", "ProtectClock", "ProtectHostname", "RestrictNamespaces", "RestrictRealtime",
+           "RestrictSUIDSGID", "LockPersonality", "ProtectProc", "RestrictAddressFamilies",
+           "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber", "MemoryDenyWriteExecute",
+           "LimitNOFILE")
+INITIALIZE = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "install-test", "version": "1"}}})
+
+
+def _in_the_units_sandbox(host: Host, env: list[str], argv: list[str]) -> tuple[int, str, str]:
+    """Run `argv` as a oneshot unit with the appliance unit's sandbox and `env`: exit code, stdout, stderr.
+
+    A unit file of the test's own rather than systemd-run: --wait and --pipe need D-Bus,
+    which the guest does not run.
+    """
+    from tests.deploy.test_systemd_unit import unit_options
+
+    service = unit_options()["Service"]
+    path = next(v.removeprefix("PATH=") for v in env if v.startswith("PATH="))
+    executable = host.sh(f"PATH={path} command -v {argv[0]}").strip()
+    quoted = " ".join(json.dumps(a) for a in [executable, *argv[1:]])
+    lines = ["[Service]", "Type=oneshot", f"ExecStart={quoted}", "StandardOutput=file:/run/stdio-probe.out",
+             "StandardError=file:/run/stdio-probe.err",
+             *[f"{key}={service[key]}" for key in SANDBOX if key in service],
+             *[f"Environment={json.dumps(v.replace('%', '%%'))}" for v in env]]
+    unit = host.guest.root / "etc/systemd/system/mcp-stdio-probe.service"
+    unit.write_text("\n".join(lines) + "\n")
+    try:
+        host.sh("rm -f /run/stdio-probe.out /run/stdio-probe.err && systemctl daemon-reload")
+        code = host.guest.run("systemctl", "start", "mcp-stdio-probe.service", check=False, timeout=300).returncode
+        return code, host.sh("cat /run/stdio-probe.out"), host.sh("cat /run/stdio-probe.err")
+    finally:
+        unit.unlink()
+        host.sh("systemctl reset-failed mcp-stdio-probe.service 2>/dev/null; systemctl daemon-reload")
+
+
+def test_npx_and_uvx_run_in_the_units_sandbox_with_a_workers_environment(host: Host) -> None:
+    """Node.js and uv from the install, run as a worker would start a stdio server: the
+    service user, the unit's hardening, the environment read from a running worker; each
+    installs a local package into its cache under data_dir and runs it (no registry)."""
+    from tests.deploy.runner_packages import MARKER, npm_tarball, npx_argv, uvx_argv, wheel
+
+    worker = host.workers()["worker-00"]
+    env = [line for line in host.sh(f"tr '\\0' '\\n' < /proc/{worker}/environ").splitlines() if "=" in line]
+    assert "HOME=/var/lib/mcp-appliance" in env and any(v.startswith("PATH=/opt/mcp-appliance/bin:") for v in env), env
+    packages = host.guest.root / "srv/stdio-packages"
+    packages.mkdir(parents=True, exist_ok=True)
+    packages.chmod(0o755)
+    tarball, built = npm_tarball(packages), wheel(packages)
+    for argv in (["npx", "--version"], ["uvx", "--version"]):
+        code, out, err = _in_the_units_sandbox(host, env, argv)
+        assert code == 0, (argv, out, err)
+    for argv in (npx_argv(f"/srv/stdio-packages/{tarball.name}"), uvx_argv(f"/srv/stdio-packages/{built.name}")):
+        code, out, err = _in_the_units_sandbox(host, env, argv)
+        assert (code, out.strip()) == (0, MARKER), (argv, out, err)
+    owners = host.sh("stat -c '%U' /var/lib/mcp-appliance/.npm/_npx /var/lib/mcp-appliance/.cache/uv").split()
+    assert owners == ["mcp-appliance", "mcp-appliance"], owners
+
+
+def test_readme_preinstall_puts_stdio_servers_under_the_data_dir_that_answer_as_the_service_user(host: Host) -> None:
+    for command in readme_blocks()["preinstall"]:
+        host.readme(command, timeout=900)
+    for executable in ("/var/lib/mcp-appliance/npm/node_modules/.bin/mcp-server-everything",
+                       "/var/lib/mcp-appliance/venvs/time/bin/mcp-server-time"):
+        assert host.sh(f"stat -L -c '%U' {executable}").strip() == "mcp-appliance"
+        # One initialize over stdio, as the bridge sends it; the server ends at the end of its input.
+        out = host.sh(f"printf '%s\\n' '{INITIALIZE}' | timeout 60 setpriv --reuid=mcp-appliance "
+                      f"--regid=mcp-appliance --init-groups {executable}", check=False)
+        answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert any(a.get("id") == 1 and "serverInfo" in a.get("result", {}) for a in answers), out
+
+
 @pytest.mark.parametrize(("command", "expected"), [
     ("curl localhost/health", '"status":"ok"'),  # README: "Everyday use", "Operations"
     ("curl localhost/metrics", "mcp_appliance_workers_ready"),  # README: "Operations"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from appliance import toolchain
 from appliance.config import load_settings
 from appliance.render import RenderContext, render_all, write_files
 from tests.deploy.dockerfile import runtime_stage
@@ -226,6 +227,18 @@ def test_a_pods_rendered_nginx_conf_forwards_to_peers_by_name_and_passes_nginx_t
     result = subprocess.run([nginx, "-t", "-c", str(settings.run_dir / "nginx.conf"), "-p", f"{settings.run_dir}/nginx/",
                              "-e", "stderr"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_stdio_servers_home_and_caches_live_on_the_pods_data_volume(
+        objects: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """npx and uvx in a pod write their caches under data_dir: the data claim, writable on the
+    read-only root and kept across restarts (no download at every start)."""
+    settings = load_settings(pod_config(objects, tmp_path), pod_environment(objects), hostname="mcp-appliance-0")
+    data_volume = mounts(objects)[str(settings.data_dir)]
+    assert data_volume in {t["metadata"]["name"] for t in one(objects, "StatefulSet")["spec"]["volumeClaimTemplates"]}
+    for name, value in toolchain.runner_environment(settings.data_dir).items():
+        if value.startswith("/") and name != "NODE_EXTRA_CA_CERTS":
+            assert Path(value).is_relative_to(settings.data_dir), (name, value)
 
 
 def test_the_shipped_config_trusts_no_network_wholesale_and_exempts_only_the_pod() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance import toolchain
 from appliance.config import Settings
 from tests.deploy.deploy_tools import require_tool
 
@@ -84,3 +85,18 @@ def test_stop_bound_covers_supervisords_graceful_stop() -> None:
     stop = service["TimeoutStopSec"]
     assert re.fullmatch(r"\d+", stop), stop
     assert needed < int(stop) <= 300, (needed, stop)
+
+
+def test_stdio_servers_caches_and_jit_are_not_blocked_by_the_sandbox() -> None:
+    """Workers run npx and uvx with HOME and every cache under data_dir (appliance/toolchain.py):
+    that is the StateDirectory, writable under ProtectSystem=strict, and not under ProtectHome.
+    Node.js compiles JavaScript into W+X pages, which MemoryDenyWriteExecute would forbid."""
+    service = unit_options()["Service"]
+    data_dir = Path("/var/lib") / service["StateDirectory"]
+    environment = toolchain.runner_environment(data_dir)
+    for name, value in environment.items():
+        if value.startswith("/") and name != "NODE_EXTRA_CA_CERTS":
+            assert Path(value).is_relative_to(data_dir), (name, value)
+            assert not Path(value).is_relative_to("/home") and not Path(value).is_relative_to("/root"), (name, value)
+    assert service.get("MemoryDenyWriteExecute", "no") == "no"
+    assert "PATH=" not in service.get("Environment", "")  # systemd's PATH reaches node in /usr/bin

@@ -140,7 +140,7 @@ def test_every_key_is_overridable_by_toml(tmp_path: Path, key: str, hint: Any) -
     value = sample(key, hint)
     settings = load(tmp_path, nested(key, value))
     assert get(settings, key) == expected(key, hint, value)
-    assert type(get(settings, key)) is type(default_of(key))
+    assert type(get(settings, key)) is type(expected(key, hint, value))
     assert settings.source == str(tmp_path / "appliance.toml")
 
 
@@ -149,7 +149,7 @@ def test_every_key_is_overridable_by_environment(tmp_path: Path, key: str, hint:
     value = sample(key, hint)
     settings = load(tmp_path, environ={env_name(key): as_env(value)})
     assert get(settings, key) == expected(key, hint, value)
-    assert type(get(settings, key)) is type(default_of(key))
+    assert type(get(settings, key)) is type(expected(key, hint, value))
     assert settings.source.endswith("+ environment")
 
 
@@ -196,6 +196,17 @@ def test_bad_env_value_names_the_variable_and_key(tmp_path: Path, key: str, text
 def test_literal_value_outside_the_choices_lists_them(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'environment' = 'prod' is invalid: expected one of 'development'"):
         load(tmp_path, {"environment": "prod"})
+
+
+def test_json_response_takes_auto_or_a_boolean_and_nothing_that_only_equals_one(tmp_path: Path) -> None:
+    assert load(tmp_path).mcp.json_response == "auto"
+    assert load(tmp_path, {"mcp": {"json_response": True}}).mcp.json_response is True
+    assert load(tmp_path, environ={"MCP_APPLIANCE_MCP_JSON_RESPONSE": "off"}).mcp.json_response is False
+    assert load(tmp_path, environ={"MCP_APPLIANCE_MCP_JSON_RESPONSE": "auto"}).mcp.json_response == "auto"
+    with pytest.raises(ConfigError, match="'mcp.json_response' = 1 is invalid: expected one of 'auto', true, false"):
+        load(tmp_path, {"mcp": {"json_response": 1}})
+    with pytest.raises(ConfigError, match="MCP_APPLIANCE_MCP_JSON_RESPONSE: 'mcp.json_response' = 'sometimes' is invalid"):
+        load(tmp_path, environ={"MCP_APPLIANCE_MCP_JSON_RESPONSE": "sometimes"})
 
 
 def test_booleans_are_not_integers(tmp_path: Path) -> None:

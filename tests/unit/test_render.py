@@ -98,6 +98,32 @@ def test_workers_get_the_data_dir_in_their_environment(tmp_path: Path) -> None:
     assert environment["MCP_APPLIANCE_DATA_DIR"] == str(settings.data_dir)
 
 
+def test_every_program_gets_a_home_and_package_caches_under_the_data_dir(tmp_path: Path) -> None:
+    """npx and uvx as the service user write only under data_dir, whatever HOME supervisord had."""
+    settings = settings_for(tmp_path, 2)
+    render(tmp_path, settings)
+    groups = {g.name: g for g in server_options(settings.run_dir / "supervisord.conf").process_group_configs}
+    for program in (worker_program(0), worker_program(1), "admin", "events"):
+        environment = groups[program].process_configs[0].environment
+        assert environment["HOME"] == str(settings.data_dir)
+        for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME",
+                     "npm_config_cache", "UV_CACHE_DIR", "UV_TOOL_DIR", "UV_PYTHON_INSTALL_DIR"):
+            assert Path(environment[name]).is_relative_to(settings.data_dir), (name, environment[name])
+        assert environment["NODE_EXTRA_CA_CERTS"] == "/etc/ssl/certs/ca-certificates.crt"
+        assert environment["UV_NATIVE_TLS"] == "true"
+
+
+def test_workers_find_the_venvs_uvx_first_then_the_path_supervisord_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_for(tmp_path, 1)
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")
+    files = render_all(settings, RenderContext(command=COMMAND, nginx=NGINX, bin_dir="/opt/mcp-appliance/bin"))
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    write_files(files, settings.run_dir)
+    groups = {g.name: g for g in server_options(settings.run_dir / "supervisord.conf").process_group_configs}
+    environment = groups[worker_program(0)].process_configs[0].environment
+    assert environment["PATH"] == "/opt/mcp-appliance/bin:/usr/local/bin:/usr/bin:/bin"
+
+
 def test_supervisorctl_conf_points_at_the_appliance_socket(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, 2)
     render(tmp_path, settings)
