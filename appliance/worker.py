@@ -17,6 +17,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp
 
+from appliance import toolchain
 from appliance.answers import AutoAnswers, answer_per_request
 from appliance.config import DEFAULT_SERVER, ServerSettings, Settings, server_key
 from appliance.gate import WorkerStats, build_gate
@@ -112,7 +113,9 @@ def stdio_spec(server: ServerSettings, settings: Settings) -> Any:
     return StdioSpec(
         server=server.name,
         command=server.command,
-        env=server.env + read_env_files(server),
+        # npx/uvx caches, home and CA bundle first (the SDK hands a child only HOME, PATH and a few
+        # more of the worker's variables); the server's own env and secret files win over them.
+        env=tuple(toolchain.runner_environment(settings.data_dir).items()) + server.env + read_env_files(server),
         cwd=Path(server.cwd) if server.cwd else settings.data_dir,
         isolation=server.isolation,
         max_children=server.max_children,

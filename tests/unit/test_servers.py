@@ -141,3 +141,15 @@ def test_the_bridges_account_of_a_stdio_server_becomes_its_probe_status() -> Non
     stats = WorkerStats(index=0)
     stats.servers = [ServerHealth("files", "/f", "command", None, lambda: looping)]
     assert stats.snapshot()["status"] == "degraded"
+
+
+def test_a_stdio_child_gets_the_package_runners_home_and_caches_and_its_own_env_wins(tmp_path: Path) -> None:
+    from appliance.config import Settings
+    from appliance.worker import stdio_spec
+
+    settings = Settings(data_dir=tmp_path)
+    server = ServerSettings(name="files", command=("npx", "-y", "pkg"), env=(("npm_config_cache", "/srv/npm"),))
+    env = dict(stdio_spec(server, settings).env)
+    assert env["HOME"] == str(tmp_path)
+    assert env["UV_CACHE_DIR"].startswith(str(tmp_path))
+    assert env["npm_config_cache"] == "/srv/npm"
