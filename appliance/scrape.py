@@ -287,6 +287,12 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     gate.tool_latency.labels("default", "x").observe(0.01)
     ProcessEvents(1, None, registry)
     TraceMetrics(registry)
+    settings = settings or Settings()
+    if any(server.command for server in settings.servers):
+        # Only workers that run a stdio server export these (appliance/bridge/metrics.py).
+        from appliance.bridge.metrics import BridgeMetrics
+
+        BridgeMetrics(registry).start("x")
     storage_errors(registry).labels("full").inc()
     watchdog = WatchdogMetrics("worker", registry)
     watchdog.unresponsive.labels("0")
@@ -294,7 +300,6 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     # The admin app's own process: its rate-limit counter shares its name with the workers'.
     edge = CollectorRegistry()
     EdgeEvents(edge)
-    settings = settings or Settings()
     stub = "Active connections: 1\nserver accepts handled requests\n 1 1 1\nReading: 0 Writing: 1 Waiting: 0\n"
     static = [*process_families([("admin", os.getpid())]), *nginx_families(stub), *appliance_families(settings, None, 0)]
     registry.register(_Families(static))  # type: ignore[arg-type]
