@@ -79,7 +79,6 @@ def resource(settings: Settings, process: str, worker: int | None) -> Resource:
         "deployment.environment.name": settings.environment,
         "process.pid": os.getpid(),
         NODE: settings.node.ordinal,
-        SERVER: settings.mcp.app,
     }
     if worker is not None:
         attributes[WORKER] = worker

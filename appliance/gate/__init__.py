@@ -84,7 +84,7 @@ def _server_gate(app: ASGIApp, server: ServerSettings, settings: Settings, index
         from appliance.gate.tracing import MetaParent, ServerSpan
         tracer = trace.get_tracer("mcp-appliance")
         # Inside Outcome (its record has the span's trace id); the body's `_meta` parent is read after JsonRpcBody.
-        layers.insert(layers.index(outcome) + 1, lambda a: ServerSpan(a, tracer, index, server.path))
+        layers.insert(layers.index(outcome) + 1, lambda a: ServerSpan(a, tracer, index, server.path, server.name))
         layers.insert(layers.index(body) + 1, MetaParent)
     if s.audit is not None and audit_refuses(settings):
         # Last, right before the hosted app: a call whose record would have no room never runs.

@@ -207,7 +207,7 @@ def test_a_tool_call_makes_one_trace_with_the_sdks_span_under_the_gates(traced: 
     worker = gate.attributes["mcp_appliance.worker.index"]
     assert worker in (0, 1) and gate.resource["mcp_appliance.worker.index"] == worker
     assert gate.resource["service.name"] == "mcp-appliance"
-    assert gate.resource["mcp_appliance.server.name"] == "traced_app:server"
+    assert gate.attributes["mcp_appliance.server.name"] == "default"  # the [mcp] server
     assert rec.headers[-1].get("authorization") == HEADER_TOKEN  # from tracing.headers_file
 
 
