@@ -218,7 +218,7 @@ async def test_a_server_added_to_the_config_is_served_after_reload() -> None:
 
 @pytest.fixture(scope="module")
 def with_stdio() -> Iterator[Appliance]:
-    """The notes server, calc and two stdio servers from npm in one appliance.toml (N=2)."""
+    """The notes server, calc, two stdio servers from npm and one from PyPI in one appliance.toml (N=2)."""
     from tests import third_party
 
     app = new_appliance(2, env={"PYTHONPATH": str(REPO)})
@@ -230,7 +230,8 @@ def with_stdio() -> Iterator[Appliance]:
     app.settings["servers"] = {
         "calc": {"app": "tests.integration.calc_server:server"},
         "everything": {"command": list(third_party.everything()), "isolation": "shared"},
-        "files": {"command": list(third_party.filesystem(str(root))), "path": "/files/mcp"}}
+        "files": {"command": list(third_party.filesystem(str(root))), "path": "/files/mcp"},
+        "time": {"command": list(third_party.time_server()), "isolation": "session"}}
     with running(app) as started:
         yield started
 
@@ -243,6 +244,11 @@ async def test_stdio_servers_from_the_config_answer_next_to_the_python_ones(with
         assert "echo" in {t.name for t in (await everything.list_tools()).tools}
         echoed = await everything.call_tool("echo", {"message": f"servers {mode}"})
         assert not echoed.is_error and echoed.content[0].text == f"Echo: servers {mode}"
+        assert (await everything.list_prompts()).prompts
+        assert (await everything.list_resource_templates()).resource_templates
+    async with mcp_client(app.url + "/servers/time/mcp", mode) as (clock, _):
+        now = await clock.call_tool("get_current_time", {"timezone": "UTC"})
+        assert not now.is_error and "UTC" in now.content[0].text
     async with mcp_client(app.url + "/files/mcp", mode) as (files, _):
         roots = await files.call_tool("list_allowed_directories", {})
         root = roots.content[0].text.splitlines()[-1].strip()
@@ -257,7 +263,7 @@ async def test_stdio_servers_from_the_config_answer_next_to_the_python_ones(with
 def test_health_shows_the_stdio_servers_children(with_stdio: Appliance) -> None:
     _, doc = with_stdio.health()
     servers = {s["name"]: s for s in doc["servers"]}
-    assert [s["name"] for s in doc["servers"]] == ["default", "calc", "everything", "files"]
+    assert [s["name"] for s in doc["servers"]] == ["default", "calc", "everything", "files", "time"]
     everything = servers["everything"]
     assert (everything["kind"], everything["status"], everything["path"]) == ("command", "ok", "/servers/everything/mcp")
     for worker in ("0", "1"):
