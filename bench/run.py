@@ -1,6 +1,9 @@
 """The benchmark: the appliance against the one bare MCP process a user would otherwise run.
 
-One command, one machine, one run; prints a Markdown report and writes it to --out:
+By default (~6 minutes) the ratios of issue 12 with the smallest real server, `add`
+(bench/ratios.py: JSON and SSE answers, gc.freeze(), `hypercorn -w 2`, CPU per call of
+every process, a model for more cores), written into its section of --out. With --full,
+first the whole report with the notes server's `get_note`:
   1. the baseline: the default notes server alone on hypercorn (no nginx, no gate);
   2. the appliance with N workers (default: the CPU count), started with `mcp-appliance run`;
   3. the same wrk load against both: (a) 2026-07-28 tool calls, (b) legacy stateless tool
@@ -12,8 +15,8 @@ One command, one machine, one run; prints a Markdown report and writes it to --o
      stateless calls (time and memory per 1,000 open sessions);
   6. kill -9 of a worker (time until it serves again) and a rolling reload under wrk load.
 
-Usage: python -m bench.run [--workers N] [--duration 10] [--rounds 3] [--connections 32] [--moderate-duration 30]
-                          [--out bench/RESULTS.md]
+Usage: python -m bench.run [--workers N] [--duration 10] [--rounds 3] [--connections 32] [--full]
+                          [--moderate-duration 30] [--out bench/RESULTS.md]
 Needs wrk (Debian: apt-get install wrk); everything listens on 127.0.0.1 only.
 """
 
@@ -34,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -78,13 +81,19 @@ class Server:
     cold_start_s: float = 0.0
     all_ready_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The tool wrk calls, and its arguments.
+    tool: str = TOOL
+    arguments: dict[str, Any] = field(default_factory=lambda: dict(ARGUMENTS))
 
     def processes(self) -> list[tuple[str, psutil.Process]]:
-        """(name, process) of everything this server runs."""
+        """(name, process) of everything this server runs (a bare `hypercorn -w N`: its workers too)."""
         if self.appliance is not None:
             return appliance_processes(self.appliance)
         assert self.proc is not None
-        return [(self.name, psutil.Process(self.proc.pid))]
+        root = psutil.Process(self.proc.pid)
+        with contextlib.suppress(psutil.Error):
+            return [(self.name, root)] + [(self.name, child) for child in root.children(recursive=True)]
+        return [(self.name, root)]
 
 
 def call_ok(url: str, tool: str = TOOL, arguments: dict[str, Any] | None = None) -> bool:
@@ -102,21 +111,35 @@ def seed(url: str) -> None:
     assert call_ok(url), "get_note 1 after add_note"
 
 
+#: The smallest real server (bench/add_server.py): what the appliance itself adds shows.
+ADD_APP, ADD_CALL = "bench.add_server:server", ("add", {"a": 1, "b": 2})
+
+
 @contextlib.contextmanager
-def baseline(name: str, stateless: bool = False, gc_freeze: bool = False) -> Iterator[Server]:
-    """The hosted app alone: `python -m bench.baseline`."""
+def baseline(name: str, stateless: bool = False, gc_freeze: bool = False, app: str | None = None,
+             json_response: bool = False, workers: int = 1) -> Iterator[Server]:
+    """The hosted app alone: `python -m bench.baseline` (`app`: the add server instead of the notes server;
+    `workers` > 1: `hypercorn -w N` of it)."""
     port = free_port_block(1)
     data = Path(tempfile.mkdtemp(prefix="mcp-bench-baseline-"))
     argv = [sys.executable, "-m", "bench.baseline", "--port", str(port), "--data-dir", str(data)]
     started = time.monotonic()
     argv += (["--stateless"] if stateless else []) + (["--gc-freeze"] if gc_freeze else [])
+    argv += (["--app", app] if app else []) + (["--json"] if json_response else []) + ["--workers", str(workers)]
     proc = subprocess.Popen(argv, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = Server(name, f"http://127.0.0.1:{port}/mcp", proc=proc)
+    if app:
+        server.tool, server.arguments = ADD_CALL[0], dict(ADD_CALL[1])
     try:
-        wait_until(lambda: call_ok(server.url, "list_notes", {}), 60, f"{name} answers", interval=0.05)
+        if app:
+            wait_until(lambda: call_ok(server.url, server.tool, server.arguments), 60, f"{name} answers",
+                       interval=0.05)
+        else:
+            wait_until(lambda: call_ok(server.url, "list_notes", {}), 60, f"{name} answers", interval=0.05)
         server.cold_start_s = server.all_ready_s = time.monotonic() - started
-        seed(server.url)
+        if not app:
+            seed(server.url)
         yield server
     finally:
         stop(proc)
@@ -148,12 +171,17 @@ def gate_worker() -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def appliance(workers: int, **overrides: Any) -> Iterator[Server]:
-    """`mcp-appliance run` with `workers` workers."""
+def appliance(workers: int, add: bool = False, **overrides: Any) -> Iterator[Server]:
+    """`mcp-appliance run` with `workers` workers (`add`: hosting bench/add_server.py)."""
+    if add:  # the workers import bench.add_server from the repo
+        overrides = {**overrides, "env": {"PYTHONPATH": str(ROOT)},
+                     "mcp": {**overrides.get("mcp", {}), "app": ADD_APP}}
     app = new_appliance(workers, **overrides)
     started = time.monotonic()
     app.start()
     server = Server(f"appliance N={workers}", app.mcp_url, appliance=app)
+    if add:
+        server.tool, server.arguments = ADD_CALL[0], dict(ADD_CALL[1])
     try:
         # Polled through /health (cheap): polling MCP calls hard would slow the start it measures.
         def serving(count: int) -> bool:
@@ -166,8 +194,11 @@ def appliance(workers: int, **overrides: Any) -> Iterator[Server]:
         server.cold_start_s = time.monotonic() - started
         wait_until(lambda: serving(workers), 60, "every worker serving", interval=0.05)
         server.all_ready_s = time.monotonic() - started
-        assert call_ok(app.mcp_url, "list_notes", {}), "a call through nginx"
-        seed(app.mcp_url)
+        if add:
+            assert call_ok(app.mcp_url, server.tool, server.arguments), "a call through nginx"
+        else:
+            assert call_ok(app.mcp_url, "list_notes", {}), "a call through nginx"
+            seed(app.mcp_url)
         yield server
     finally:
         cleanup(app)
@@ -209,14 +240,16 @@ def rss_mib(server: Server) -> list[tuple[str, float, float]]:
 
 
 def load(server: Server, kind: str, args: argparse.Namespace, rate: float | None = None,
-         connections: int | None = None, warm: bool = True) -> wrk.Figures:
+         connections: int | None = None, warm: bool = True, group: Callable[[str], str] | None = None
+         ) -> wrk.Figures:
     if warm:  # keep-alive connections, caches, lazily built parts of the app
-        wrk.run(server.url, kind, 2, connections or args.connections, TOOL, ARGUMENTS, rate=rate)
+        wrk.run(server.url, kind, 2, connections or args.connections, server.tool, server.arguments, rate=rate)
     # A paced run has few requests a second: longer, so that its p99 rests on more than a few dozen.
     seconds = args.moderate_duration if rate else args.duration
-    before, wrk_before = cpu_seconds(server), resource.getrusage(resource.RUSAGE_CHILDREN)
-    figures = wrk.run(server.url, kind, seconds, connections or args.connections, TOOL, ARGUMENTS, rate=rate)
-    after, wrk_after = cpu_seconds(server), resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, wrk_before = cpu_seconds(server, group), resource.getrusage(resource.RUSAGE_CHILDREN)
+    figures = wrk.run(server.url, kind, seconds, connections or args.connections, server.tool, server.arguments,
+                      rate=rate)
+    after, wrk_after = cpu_seconds(server, group), resource.getrusage(resource.RUSAGE_CHILDREN)
     # wrk is the only child this process waits for meanwhile: RUSAGE_CHILDREN grows by its CPU time.
     used = {group: after[group] - before.get(group, 0.0) for group in after}
     used["wrk"] = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
@@ -235,13 +268,15 @@ def cpu_group(name: str) -> str:
     return "nginx" if name.startswith("nginx") else "other"
 
 
-def cpu_seconds(server: Server) -> dict[str, float]:
-    """CPU seconds (user + system, all threads) used so far by the server's processes, by group."""
+def cpu_seconds(server: Server, group: Callable[[str], str] | None = None) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by the server's processes, by group
+    (default: cpu_group)."""
     used = {"workers": 0.0, "nginx": 0.0, "other": 0.0}
     for name, proc in server.processes():
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
-            used[cpu_group(name)] += times.user + times.system
+            key = (group or cpu_group)(name)
+            used[key] = used.get(key, 0.0) + times.user + times.system
     return used
 
 
@@ -546,15 +581,15 @@ def targets(m: dict[str, Any], n: int) -> list[tuple[str, str, bool]]:
     ]
 
 
-def measure_rounds(plan: list[tuple[str, Server, str, float | None, int | None]], args: argparse.Namespace
-                   ) -> dict[str, list[wrk.Figures]]:
+def measure_rounds(plan: list[tuple[str, Server, str, float | None, int | None]], args: argparse.Namespace,
+                   group: Callable[[str], str] | None = None) -> dict[str, list[wrk.Figures]]:
     """Run every (label, server, kind, rate, connections) once per round, interleaved in time so
     that noise from the machine falls on all alike: each label's runs, round by round."""
     runs: dict[str, list[wrk.Figures]] = {label: [] for label, *_ in plan}
     for n in range(args.rounds):
         print(f"round {n + 1} of {args.rounds}", flush=True)
         for label, server, kind, rate, connections in plan:
-            runs[label].append(load(server, kind, args, rate, connections, warm=n == 0))
+            runs[label].append(load(server, kind, args, rate, connections, warm=n == 0, group=group))
     return runs
 
 
@@ -575,10 +610,17 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"),
                         help="the Markdown report (default bench/RESULTS.md)")
     parser.add_argument("--json", help="also write the raw figures here")
+    parser.add_argument("--full", action="store_true",
+                        help="also the whole get_note report (memory, sessions, cold start, faults; ~25 min), which "
+                             "rewrites --out before the add server's section is put back")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
+    from bench import ratios  # it imports this module's helpers
+
+    if not args.full:
+        return ratios.run(args)
     n = args.workers
     m: dict[str, Any] = {"machine": machine(), "rss": {}, "cold_start": {}}
     idle = os.getloadavg()[0]
@@ -643,7 +685,7 @@ def main() -> int:
     Path(args.out).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps(m, default=lambda o: o.__dict__, indent=1))
-    return 0
+    return ratios.run(args)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ _NAMING_KEY = re.compile(r"(?i)(name|names|uri|uris|ref|refs|subscriptions)$")
 _REF_KINDS = {"ref/prompt": ("prompt", "name"), "ref/resource": ("resource", "uri")}
 
 _MISSING: Any = object()
+#: The _meta key by which a 2026-07-28 request asks for log messages on its answer.
+LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"
 
 
 @dataclass(slots=True)
@@ -71,6 +73,9 @@ class RpcCall:
     subjects: tuple[str, ...] = ()
     #: Why the gate cannot tell what this call uses (policy refuses it while rules apply).
     unclassified: str | None = None
+    #: Whether the client asked for notifications on the answer: a progressToken or a log level in
+    #: params._meta, or a subscriptions/listen (see appliance/answers.py).
+    notified: bool = False
 
     @property
     def is_request(self) -> bool:
@@ -155,6 +160,9 @@ def _message(data: Any) -> RpcCall:
         raise RpcError(INVALID_REQUEST, "Invalid request: params must be an object or an array", rid)
     call = RpcCall(method=method, id=rid)
     _classify(call, params if isinstance(params, dict) else {}, params)
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    call.notified = method == "subscriptions/listen" or (
+        isinstance(meta, dict) and (meta.get("progressToken") is not None or meta.get(LOG_LEVEL_META) is not None))
     return call
 
 
@@ -322,6 +330,11 @@ def is_json(content_type: bytes | None) -> bool:
     return content_type is not None and content_type.lower().startswith(b"application/json")
 
 
+#: In a JSON body without \u escapes every key is spelled as it reads: a body with no "error" member
+#: and no isError that is true answers as a plain result, whatever else it holds (see MessageScanner.answer).
+_NOT_PLAIN = re.compile(rb'"error"\s*:|"isError"\s*:\s*true|\\u')
+
+
 class MessageScanner:
     """Finds the JSON-RPC messages in a response body, plain JSON or SSE, chunk by chunk."""
 
@@ -329,21 +342,47 @@ class MessageScanner:
         self.sse = is_sse(content_type)
         self.active = self.sse or is_json(content_type)
         self.pending = b""
+        #: A JSON body's chunks so far (joined once, at its end).
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def answer(self, chunk: bytes, more: bool, request_id: Any) -> tuple[str, bool] | None:
+        """The answer to `request_id` (as response_to) once `chunk` completes it, else None.
+
+        A JSON body that cannot be anything but a plain result is not parsed: the outcome
+        then needs no second json.loads of the answer (it is "ok" by its status either way).
+        """
+        if self.active and not self.sse and not more and not self.chunks and len(chunk) <= SCAN_LIMIT:
+            if _NOT_PLAIN.search(chunk) is None:
+                return "result", False
+            return response_to(_loads(chunk), request_id)
+        for message in self.feed(chunk, more):
+            found = response_to(message, request_id)
+            if found is not None:
+                return found
+        return None
 
     def feed(self, chunk: bytes, more: bool) -> list[Any]:
         """The messages completed by `chunk` (the final chunk has more=False)."""
         if not self.active:
             return []
+        if not self.sse:
+            self.chunks.append(chunk)
+            self.size += len(chunk)
+            if self.size > SCAN_LIMIT:
+                self.active = False
+                self.chunks = []
+                return []
+            if more:
+                return []
+            message = _loads(b"".join(self.chunks))
+            self.chunks = []
+            return [message] if message is not None else []
         self.pending += chunk
         if len(self.pending) > SCAN_LIMIT:
             self.active = False
             self.pending = b""
             return []
-        if not self.sse:
-            if more:
-                return []
-            message, self.pending = _loads(self.pending), b""
-            return [message] if message is not None else []
         messages = []
         while True:
             end = _EVENT_END.search(self.pending)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.gate.exchange import STATE_KEY, Exchange
-from appliance.gate.jsonrpc import MessageScanner, response_to
+from appliance.gate.jsonrpc import MessageScanner
 from appliance.gate.responses import header
 
 logger = logging.getLogger("appliance.gate")
@@ -74,12 +74,10 @@ class Outcome:
             elif kind == "http.response.body":
                 more = message.get("more_body", False)
                 if scanner is not None and ex.rpc is not None:
-                    for found in scanner.feed(message.get("body", b""), more):
-                        answer = response_to(found, ex.rpc.id)
-                        if answer is not None:
-                            ex.answer = answer
-                            finish()
-                            break
+                    answer = scanner.answer(message.get("body", b""), more, ex.rpc.id)
+                    if answer is not None:
+                        ex.answer = answer
+                        finish()
                 if not more and not ex.done:
                     finish()
             await send(message)
