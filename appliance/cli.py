@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from appliance import __version__
-from appliance.config import ConfigError, Settings, config_path, load_settings
+from appliance.config import DEFAULT_SERVER, ConfigError, Settings, config_path, load_settings
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -32,19 +32,21 @@ def cmd_check(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     """Validate the config and import the hosted app."""
     from appliance.gate.services import check_gate
     from appliance.preflight import check_notes_database, notes_warnings
-    from appliance.worker import HostedAppError, import_target
+    from appliance.worker import HostedAppError, import_servers
 
     from appliance.state.checks import state_warnings
 
     try:
-        target = import_target(settings.mcp.app)
+        targets = import_servers(settings)
         check_gate(settings)
         check_notes_database(settings)
     except (HostedAppError, ConfigError) as exc:
         return _fail(str(exc))
-    for warning in state_warnings(settings, target) + notes_warnings(settings):
+    for warning in state_warnings(settings, targets[DEFAULT_SERVER]) + notes_warnings(settings):
         print(f"mcp-appliance: warning: {warning}", file=sys.stderr)
-    print(f"ok: {settings.source}: {settings.workers.count} workers serving {settings.mcp.app} on port {settings.http.port}")
+    extra = "".join(f", {server.name} at {server.path}" for server in settings.servers)
+    print(f"ok: {settings.source}: {settings.workers.count} workers serving {settings.mcp.app}{extra} "
+          f"on port {settings.http.port}")
     return 0
 
 
@@ -74,11 +76,11 @@ def cmd_run(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     from appliance.render import render_all, write_files
     from appliance.state.keys import ensure_ring
     from appliance.supervisor import nudge_when_up, socket_path
-    from appliance.worker import HostedAppError, import_target
+    from appliance.worker import HostedAppError, import_servers
 
     as_root = os.geteuid() == 0
     try:
-        import_target(settings.mcp.app)
+        import_servers(settings)
         nginx = preflight.find_nginx()
         supervisord = preflight.find_supervisord()
         preflight.check_ports_free(settings)
@@ -132,6 +134,11 @@ def cmd_status(settings: Settings, path: Path, args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"\nhealth: unavailable ({exc})")
         return 1
+    servers = doc.get("servers", [])
+    if servers:
+        print(f"\n{'SERVER':<18} {'KIND':<8} {'STATUS':<10} PATH")
+        for server in servers:
+            print(f"{server['name']:<18} {server['kind']:<8} {server['status']:<10} {server['path']}")
     workers = doc["workers"]
     print(f"\nhealth: {doc['status']} — {workers['serving']}/{workers['configured']} workers serving, "
           f"{doc['service']} {doc['version']} ({doc['environment']})")

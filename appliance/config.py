@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import tomllib
+import types
 import typing
 import urllib.parse
 from collections.abc import Mapping
@@ -329,6 +330,80 @@ class NotesSettings:
     database_url_file: str = ""
 
 
+#: The name of the server the [mcp] section configures (at mcp.path); not a [servers.<name>] name.
+DEFAULT_SERVER = "default"
+#: URL paths of the appliance itself: no server path may be one of them or lie under one.
+RESERVED_PATHS = ("/health", "/admin", "/metrics", "/config", "/_appliance")
+SERVER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """One hosted server: a table [servers.<name>] (the [mcp] section is the server "default" at mcp.path).
+
+    Every server is hosted by every worker (servers share workers.count; one pool, one process per
+    core); nginx routes each server's path to the pool like mcp.path. Not set from the environment.
+    """
+
+    #: The table's name ([a-z0-9][a-z0-9_-]*): the `server` label of metrics and field of audit records.
+    name: str
+    #: URL path of this server's MCP endpoint; absent: /servers/<name>/mcp.
+    path: str = ""
+    #: `module:attribute` naming an MCPServer or any Streamable HTTP ASGI app (exactly one of app and command).
+    app: str = ""
+    #: A stdio MCP server each worker runs as a child, as a list, e.g. ["npx", "-y",
+    #: "@modelcontextprotocol/server-filesystem", "/srv/files"] (exactly one of app and command).
+    command: tuple[str, ...] = ()
+    #: Environment variables of the command, a table of strings (only with command); put secrets in env_files.
+    env: tuple[tuple[str, str], ...] = ()
+    #: Environment variables of the command read from files, a table name = "/path/of/file" (only with
+    #: command): the file's content (a trailing newline dropped) is the value, read when a worker
+    #: starts; never shown in /config, logs or audit records.
+    env_files: tuple[tuple[str, str], ...] = ()
+    #: Working directory of the command (an absolute path; only with command); absent: data_dir.
+    cwd: str = ""
+    #: "shared" (one child per worker for every client: stateless servers) or "session" (a child per
+    #: legacy session, a bounded pool for 2026-07-28 requests); only with command.
+    isolation: Literal["shared", "session"] = "shared"
+    #: Children of this command one worker runs at most (only with command); beyond it a new session gets 503.
+    max_children: int = 32
+    #: Answer POSTs with one JSON body (true), an SSE stream (false) or as each asks ("auto", an MCPServer
+    #: only; a command server streams), as mcp.json_response; absent: mcp.json_response.
+    json_response: JsonResponse = "auto"
+    #: Legacy (2025-11-25 and earlier) sessions; false makes the legacy era stateless; absent: mcp.sessions.
+    sessions: bool = True
+    #: Policy rules for this server's tools, resources and prompts, as policy.rules; absent: policy.rules.
+    policy_rules: tuple[str, ...] | None = None
+    #: What a call to this server that no rule matches gets ("allow" or "deny"); absent: policy.default.
+    policy_default: Literal["allow", "deny"] | None = None
+
+    @property
+    def kind(self) -> Literal["app", "command"]:
+        """How the server is hosted: an imported Python app, or a stdio command."""
+        return "command" if self.command else "app"
+
+    def policy(self, shared: PolicySettings) -> PolicySettings:
+        """This server's policy: its own rules and default where set, the [policy] section's otherwise."""
+        return dataclasses.replace(
+            shared,
+            rules=shared.rules if self.policy_rules is None else self.policy_rules,
+            default=shared.default if self.policy_default is None else self.policy_default,
+        )
+
+
+#: Keys of a [servers.<name>] table whose absence means another setting's value (or a derived one).
+SERVER_INHERITS: Mapping[str, str] = {
+    "path": "/servers/<name>/mcp",
+    "json_response": "mcp.json_response",
+    "sessions": "mcp.sessions",
+    "policy_rules": "policy.rules",
+    "policy_default": "policy.default",
+    "cwd": "data_dir",
+}
+#: Keys that only a command server takes.
+COMMAND_ONLY = ("env", "env_files", "cwd", "isolation", "max_children")
+
+
 @dataclass(frozen=True)
 class TracingSettings:
     """OpenTelemetry traces of every MCP request and admin operation, sent to an OTLP/HTTP receiver."""
@@ -393,12 +468,22 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     notes: NotesSettings = field(default_factory=NotesSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    #: The [servers.<name>] tables in file order (see ServerSettings); the [mcp] server comes before them.
+    servers: tuple[ServerSettings, ...] = ()
     #: Where these settings came from, for error messages and rendered headers.
     source: str = field(default="built-in defaults", compare=False)
 
     def worker_port(self, index: int) -> int:
         """The loopback port of worker `index`."""
         return self.workers.base_port + index
+
+    @property
+    def hosted_servers(self) -> tuple[ServerSettings, ...]:
+        """Every server the workers host: the [mcp] one ("default" at mcp.path) first, then [servers.*]."""
+        m = self.mcp
+        default = ServerSettings(name=DEFAULT_SERVER, path=m.path, app=m.app, json_response=m.json_response,
+                                 sessions=m.sessions)
+        return (default, *self.servers)
 
     @property
     def state_keys_path(self) -> Path:
@@ -422,11 +507,16 @@ def env_name(key: str) -> str:
     return ENV_PREFIX + key.replace(".", "_").upper()
 
 
+#: Settings fields that are not keys of their own: where settings came from, and the server tables
+#: (documented by ServerSettings, read by `_build_servers`, not set from the environment).
+_NOT_KEYS = frozenset({"source", "servers"})
+
+
 def iter_keys(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field[Any], Any]]:
     """Every leaf key as (dotted key, field, resolved type), in declaration order."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "source":
+        if f.name in _NOT_KEYS:
             continue
         hint = hints[f.name]
         key = prefix + f.name
@@ -499,13 +589,18 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
 def _build(cls: type, raw: Mapping[str, Any], env: Mapping[str, str], prefix: str, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    if cls is Settings and "servers" in raw:
+        servers = raw["servers"]
+        raw = {k: v for k, v in raw.items() if k != "servers"}
+        base = _build(cls, raw, env, prefix, path)
+        return dataclasses.replace(base, servers=_build_servers(servers, path, base.mcp))
     for name in raw:
         if name not in names:
             where = f"[{prefix[:-1]}]" if prefix else "top level"
             raise ConfigError(f"{path}: unknown key '{prefix}{name}' ({where} knows: {', '.join(sorted(names))})")
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.name == "source":
+        if f.name in _NOT_KEYS:
             continue
         key = prefix + f.name
         hint = hints[f.name]
@@ -519,6 +614,52 @@ def _build(cls: type, raw: Mapping[str, Any], env: Mapping[str, str], prefix: st
         elif f.name in raw:
             values[f.name] = _coerce(key, raw[f.name], hint, path)
     return cls(**values)
+
+
+def _build_servers(raw: Any, path: str, mcp: McpSettings) -> tuple[ServerSettings, ...]:
+    """The [servers.<name>] tables, in file order; types checked here, the rest in `validate`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'servers' must be tables [servers.<name>], got {type(raw).__name__}")
+    hints = typing.get_type_hints(ServerSettings)
+    known = [f.name for f in dataclasses.fields(ServerSettings) if f.name != "name"]
+    servers = []
+    for name, table in raw.items():
+        where = f"servers.{name}"
+        if not SERVER_NAME.match(name):
+            raise ConfigError(f"{path}: '[{where}]' is an invalid server name: expected lower-case letters, digits, "
+                              "'_' or '-', starting with a letter or digit")
+        if name == DEFAULT_SERVER:
+            raise ConfigError(f"{path}: '[{where}]': the name {DEFAULT_SERVER!r} is the [mcp] server's; choose another")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{where}' must be a table [{where}], got {type(table).__name__}")
+        values: dict[str, Any] = {"name": name}
+        for key, value in table.items():
+            dotted = f"{where}.{key}"
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key '{dotted}' ([{where}] knows: {', '.join(sorted(known))})")
+            if key in ("env", "env_files"):
+                if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                    raise ConfigError(f"{path}: '{dotted}' = {value!r} is invalid: expected a table of strings")
+                values[key] = tuple(value.items())
+            elif key == "command":
+                if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                    raise ConfigError(f"{path}: '{dotted}' = {value!r} is invalid: expected a non-empty list of "
+                                      "strings, the program first, e.g. [\"npx\", \"-y\", \"@scope/server\"]")
+                values[key] = tuple(value)
+            else:
+                hint = hints[key]
+                if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None`: None is only the absence
+                    hint = next(a for a in typing.get_args(hint) if a is not type(None))
+                values[key] = _coerce(dotted, value, hint, path)
+        for key in COMMAND_ONLY:
+            if key in table and "command" not in table:
+                raise ConfigError(f"{path}: '{where}.{key}' is set but '{where}.command' is not: {key} applies "
+                                  "only to a stdio server (command)")
+        values.setdefault("path", f"/servers/{name}/mcp")
+        values.setdefault("json_response", mcp.json_response)
+        values.setdefault("sessions", mcp.sessions)
+        servers.append(values)
+    return tuple(ServerSettings(**v) for v in servers)
 
 
 def _describe(hint: Any) -> str:
@@ -620,10 +761,7 @@ def validate(settings: Settings) -> None:
         value = getattr(settings.http, key)
         need(value > 0, f"http.{key}", value, "a positive integer")
     m = settings.mcp
-    need(bool(_APP_SPEC.match(m.app)), "mcp.app", m.app, "'module:attribute', e.g. 'mypkg.server:mcp'")
-    need(m.path.startswith("/") and " " not in m.path and m.path != "/", "mcp.path", m.path, "an absolute URL path such as /mcp")
-    need(not m.path.startswith(("/health", "/admin", "/metrics", "/config", "/_appliance")), "mcp.path", m.path,
-         "a path not used by the appliance itself")
+    _validate_servers(settings, need)
     for key in ("session_idle_timeout", "max_sessions", "max_sessions_per_principal", "max_body_bytes"):
         value = getattr(m, key)
         need(value > 0, f"mcp.{key}", value, "a positive integer")
@@ -736,16 +874,7 @@ def _validate_gate(settings: Settings, need: typing.Callable[[bool, str, Any, st
     need(bool(a.jwt_scope_claim), "auth.jwt_scope_claim", a.jwt_scope_claim, "a claim name")
     need(not a.resource_url or bool(re.match(r"^https?://[^/\s]+(/\S*)?$", a.resource_url)), "auth.resource_url",
          a.resource_url, "empty or an http(s) URL such as https://mcp.example.com/mcp")
-    for k, rule in enumerate(settings.policy.rules):
-        try:
-            kind, pattern, _ = split_rule(rule)
-        except ValueError:
-            need(False, f"policy.rules[{k}]", rule, "'<tool|resource|prompt>:<pattern> = <scope> [<scope> ...]', "
-                 "e.g. 'tool:delete_* = notes:write'")
-            continue
-        # Resource URIs are matched in their canonical form: a pattern in another spelling would never match.
-        need(kind != "resource" or canonical_uri(pattern) == pattern, f"policy.rules[{k}]", rule,
-             f"the URI pattern in canonical form (RFC 3986): '{canonical_uri(pattern)}'")
+    _check_rules(settings.policy.rules, "policy.rules", need)
     au = settings.audit
     need(au.fsync_interval > 0, "audit.fsync_interval", au.fsync_interval, "seconds > 0")
     need(au.max_bytes >= 4096, "audit.max_bytes", au.max_bytes, "bytes >= 4096")
@@ -762,6 +891,75 @@ def _validate_gate(settings: Settings, need: typing.Callable[[bool, str, Any, st
             need(_is_network(net), f"{key}[{k}]", net, "an IP address or CIDR network, e.g. 10.0.0.0/8")
     t = settings.tls
     need(1 <= t.port <= 65535, "tls.port", t.port, "a TCP port 1-65535")
+
+
+def _check_rules(rules: tuple[str, ...], key: str, need: typing.Callable[[bool, str, Any, str], None]) -> None:
+    """Policy rules (policy.rules or a server's policy_rules) are well-formed."""
+    for k, rule in enumerate(rules):
+        try:
+            kind, pattern, _ = split_rule(rule)
+        except ValueError:
+            need(False, f"{key}[{k}]", rule, "'<tool|resource|prompt>:<pattern> = <scope> [<scope> ...]', "
+                 "e.g. 'tool:delete_* = notes:write'")
+            continue
+        # Resource URIs are matched in their canonical form: a pattern in another spelling would never match.
+        need(kind != "resource" or canonical_uri(pattern) == pattern, f"{key}[{k}]", rule,
+             f"the URI pattern in canonical form (RFC 3986): '{canonical_uri(pattern)}'")
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def server_key(server: ServerSettings, key: str) -> str:
+    """The dotted key of a server's setting as the operator wrote it (the default server's is under [mcp])."""
+    return f"mcp.{key}" if server.name == DEFAULT_SERVER else f"servers.{server.name}.{key}"
+
+
+def _under(path: str, other: str) -> bool:
+    """Whether URL path `path` is `other` or lies below it."""
+    return path == other or path.startswith(other.rstrip("/") + "/")
+
+
+def _validate_servers(settings: Settings, need: typing.Callable[[bool, str, Any, str], None]) -> None:
+    """Every hosted server: a path of its own, exactly one of app and command, valid per-server values."""
+    seen: dict[str, str] = {}  # path -> key
+    apps: dict[str, str] = {}  # app -> key
+    for server in settings.hosted_servers:
+        key = server_key(server, "path")
+        p = server.path
+        need(p.startswith("/") and p != "/" and bool(re.fullmatch(r"/[A-Za-z0-9._~/-]+", p)) and "//" not in p
+             and "/./" not in p + "/" and "/../" not in p + "/", key, p,
+             "an absolute URL path of letters, digits and . _ ~ - such as /servers/files/mcp")
+        need(not any(_under(p, r) for r in RESERVED_PATHS), key, p,
+             f"a path not used by the appliance itself ({', '.join(RESERVED_PATHS)})")
+        for other, other_key in seen.items():
+            if _under(p, other) or _under(other, p):
+                raise ConfigError(f"{settings.source}: '{key}' = {p!r} is invalid: '{other_key}' = {other!r} is "
+                                  "already there (each server needs a path of its own, not under another's)")
+        seen[p] = key
+        where = "mcp" if server.name == DEFAULT_SERVER else f"servers.{server.name}"
+        if bool(server.app) == bool(server.command):
+            raise ConfigError(f"{settings.source}: '[{where}]' needs exactly one of '{where}.app' (a Python server, "
+                              f"'module:attribute') and '{where}.command' (a stdio program), "
+                              f"{'not both' if server.app else 'found neither'}")
+        if server.app:
+            app_key = server_key(server, "app")
+            need(bool(_APP_SPEC.match(server.app)), app_key, server.app, "'module:attribute', e.g. 'mypkg.server:mcp'")
+            # One MCPServer object builds one transport: the same app twice would share (and break) it.
+            if server.app in apps:
+                raise ConfigError(f"{settings.source}: '{app_key}' = {server.app!r} is invalid: '{apps[server.app]}' "
+                                  "hosts it already (one app per server)")
+            apps[server.app] = app_key
+        for name, _ in server.env + server.env_files:
+            need(bool(_ENV_NAME.match(name)), server_key(server, "env"), name, "environment variable names "
+                 "(letters, digits, '_')")
+        for name, file in server.env_files:
+            need(Path(file).is_absolute(), f"{server_key(server, 'env_files')}.{name}", file, "an absolute path")
+        need(not server.cwd or Path(server.cwd).is_absolute(), server_key(server, "cwd"), server.cwd, "an absolute path")
+        need(1 <= server.max_children <= 4096, server_key(server, "max_children"), server.max_children,
+             "1 to 4096 children")
+        if server.policy_rules is not None:
+            _check_rules(server.policy_rules, server_key(server, "policy_rules"), need)
 
 
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -802,6 +1000,14 @@ def redacted(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain JSON-able data, secrets replaced."""
 
     def plain(value: Any) -> Any:
+        if isinstance(value, ServerSettings):
+            doc = {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            # Values of env may be secrets by name (a GITHUB_TOKEN): shown as a table, redacted as one;
+            # env_files shows where secrets are read from, never what the files hold.
+            doc["env"] = {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS + ("key", "auth")) else v)
+                          for k, v in value.env}
+            doc["env_files"] = dict(value.env_files)
+            return doc
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (tuple, list)):

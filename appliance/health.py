@@ -133,6 +133,7 @@ class HealthChecker:
             "programs": {
                 p.name: {"state": p.state, "pid": p.pid, "uptime": round(p.uptime, 1)} for p in programs
             },
+            "servers": servers_health(s, probes),
             "probes": probes,
         }
         if sup_error:
@@ -143,6 +144,23 @@ class HealthChecker:
         if reasons:
             doc["reasons"] = reasons
         return status, doc
+
+
+def servers_health(settings: Settings, probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every hosted server with its state in each answering worker (they all host every server):
+    "ok" when every one of them says ok, else the first other state; "unknown" when none answered."""
+    out = []
+    for server in settings.hosted_servers:
+        per_worker = {}
+        for probe in probes:
+            for reported in probe.get("servers", ()):
+                if reported.get("name") == server.name:
+                    per_worker[str(probe["worker"])] = reported
+        states = [r.get("status", "unknown") for r in per_worker.values()]
+        status = "unknown" if not states else next((x for x in states if x != "ok"), "ok")
+        out.append({"name": server.name, "path": server.path, "kind": server.kind, "status": status,
+                    "workers": per_worker})
+    return out
 
 
 def settled(program: ProcessInfo, probes: list[dict[str, Any]]) -> bool:

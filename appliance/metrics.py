@@ -99,13 +99,13 @@ class GateMetrics:
     def __init__(self, worker: int, registry: CollectorRegistry | None = None) -> None:
         self.worker = str(worker)
         self.requests = Counter("mcp_appliance_requests", "MCP requests answered by the workers, by JSON-RPC method "
-                                "(or HTTP method for GET/DELETE) and HTTP status", ["method", "status"], registry=registry)
+                                "(or HTTP method for GET/DELETE) and HTTP status, by hosted server", ["server", "method", "status"], registry=registry)
         self.latency = Histogram("mcp_appliance_request_duration_seconds", "Time from a request reaching a worker "
-                                 "to its answer", ["method"], buckets=LATENCY_BUCKETS, registry=registry)
+                                 "to its answer, by hosted server", ["server", "method"], buckets=LATENCY_BUCKETS, registry=registry)
         self.tool_calls = Counter("mcp_appliance_tool_calls", "tools/call requests by tool and outcome "
-                                  "(ok, tool_error, denied, protocol_error)", ["tool", "outcome"], registry=registry)
+                                  "(ok, tool_error, denied, protocol_error), by hosted server", ["server", "tool", "outcome"], registry=registry)
         self.tool_latency = Histogram("mcp_appliance_tool_call_duration_seconds", "Duration of tools/call requests "
-                                      "by tool", ["tool"], buckets=LATENCY_BUCKETS, registry=registry)
+                                      "by hosted server and tool", ["server", "tool"], buckets=LATENCY_BUCKETS, registry=registry)
         self.authz = Counter("mcp_appliance_authz_decisions", "Authorization decisions: allowed or denied, by reason",
                              ["decision", "reason"], registry=registry)
         self.violations = Counter("mcp_appliance_security_violations", "Requests refused as a security violation, "

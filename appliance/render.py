@@ -116,6 +116,8 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "retry_tries": pool.SLOTS,
         "admin_address": f"{settings.admin.host}:{settings.admin.port}",
         "mcp_path": settings.mcp.path,
+        # One exact location per hosted server, the [mcp] one first.
+        "servers": [{"name": server.name, "path": server.path} for server in settings.hosted_servers],
         "command": ctx.command,
         "nginx": ctx.nginx,
         "graceful_timeout": settings.workers.graceful_timeout,

@@ -281,12 +281,18 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     """Every sample name /metrics exports (what dashboards and alert rules may use)."""
     registry = CollectorRegistry()
     gate = GateMetrics(0, registry)
-    gate.requests.labels("tools/call", "200").inc()
-    gate.latency.labels("tools/call").observe(0.01)
-    gate.tool_calls.labels("x", "ok").inc()
-    gate.tool_latency.labels("x").observe(0.01)
+    gate.requests.labels("default", "tools/call", "200").inc()
+    gate.latency.labels("default", "tools/call").observe(0.01)
+    gate.tool_calls.labels("default", "x", "ok").inc()
+    gate.tool_latency.labels("default", "x").observe(0.01)
     ProcessEvents(1, None, registry)
     TraceMetrics(registry)
+    settings = settings or Settings()
+    if any(server.command for server in settings.servers):
+        # Only workers that run a stdio server export these (appliance/bridge/metrics.py).
+        from appliance.bridge.metrics import BridgeMetrics
+
+        BridgeMetrics(registry).start("x")
     storage_errors(registry).labels("full").inc()
     watchdog = WatchdogMetrics("worker", registry)
     watchdog.unresponsive.labels("0")
@@ -294,7 +300,6 @@ def exported_names(settings: Settings | None = None) -> set[str]:
     # The admin app's own process: its rate-limit counter shares its name with the workers'.
     edge = CollectorRegistry()
     EdgeEvents(edge)
-    settings = settings or Settings()
     stub = "Active connections: 1\nserver accepts handled requests\n 1 1 1\nReading: 0 Writing: 1 Waiting: 0\n"
     static = [*process_families([("admin", os.getpid())]), *nginx_families(stub), *appliance_families(settings, None, 0)]
     registry.register(_Families(static))  # type: ignore[arg-type]

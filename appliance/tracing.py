@@ -79,7 +79,6 @@ def resource(settings: Settings, process: str, worker: int | None) -> Resource:
         "deployment.environment.name": settings.environment,
         "process.pid": os.getpid(),
         NODE: settings.node.ordinal,
-        SERVER: settings.mcp.app,
     }
     if worker is not None:
         attributes[WORKER] = worker
@@ -194,6 +193,20 @@ class Tracing:
         flushing.join(self.timeout)
 
 
+class ExecOnlyTracerProvider(TracerProvider):
+    """The SDK's provider without its after-fork work: these processes fork only to exec.
+
+    uvloop runs Python's after-fork hooks in the child it forks to start a subprocess (a
+    stdio server's child), before exec. The SDK's hook re-detects the resource there on a
+    thread pool, whose lock a thread of the parent may hold at the fork: the child hangs
+    before exec, and with it the worker's start (seen: a worker with tracing on and a stdio
+    server never answered). A child that execs needs nothing of the parent's provider.
+    """
+
+    def _handle_fork(self) -> None:
+        return
+
+
 def setup_tracing(settings: Settings, process: str, worker: int | None = None,
                   metrics: TraceMetrics | None = None) -> Tracing | None:
     """Install the OpenTelemetry SDK for this process when tracing is on (None when off: nothing installed)."""
@@ -204,8 +217,8 @@ def setup_tracing(settings: Settings, process: str, worker: int | None = None,
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     exporter = OTLPSpanExporter(endpoint=t.endpoint, headers=read_headers(t.headers_file), timeout=t.export_timeout)
-    provider = TracerProvider(resource=resource(settings, process, worker),
-                              sampler=ParentBased(TraceIdRatioBased(t.sample_ratio)), shutdown_on_exit=False)
+    provider = ExecOnlyTracerProvider(resource=resource(settings, process, worker),
+                                      sampler=ParentBased(TraceIdRatioBased(t.sample_ratio)), shutdown_on_exit=False)
     provider.add_span_processor(CountingProcessor(exporter, metrics or TraceMetrics(), t.queue_size, t.export_timeout))
     trace.set_tracer_provider(provider)
     propagate.set_global_textmap(ContinuingPropagator())

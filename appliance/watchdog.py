@@ -6,10 +6,14 @@ probe is answered by the gate on the worker's event loop without touching the ho
 GIL or a stopped process all go unanswered. FAILURES probes in a row without an answer
 within PROBE_TIMEOUT take it out of service (a worker: out of nginx's pool, the way a
 draining worker leaves it; see appliance/pool.py): new work goes elsewhere about 1.5 s
-after it froze, and what it holds is ended then (and every round while it is out): the
-requests nginx sent it over its pool socket get nginx's answer for a worker that stopped
-mid-call (reads are retried on another worker), while the process lives on
-(appliance/sockets.py). Its legacy sessions use a socket of their own, which is left alone:
+after it froze, and what it holds is ended then (and every round while it is out) if it is
+idle: the requests nginx sent it over its pool socket get nginx's answer for a worker that
+stopped mid-call (reads are retried on another worker), while the process lives on
+(appliance/sockets.py). Idle means it used less than BUSY_SHARE of a core since the round
+before: a stopped process, a deadlock or a blocked `time.sleep` use none, while an
+overloaded worker that answers its probe late is busy serving what it holds, and cutting
+that would turn slowness into errors; a busy one is only taken out of the pool (and
+restarted if it stays silent for hang_timeout: a C extension spinning with the GIL). Its legacy sessions use a socket of their own, which is left alone:
 their requests wait for their owner. It returns by itself when it answers again.
 
 One that stays unanswering for `workers.hang_timeout` is restarted: SIGTERM to its process
@@ -57,6 +61,22 @@ PROBE_TIMEOUT = 0.5
 FAILURES = 2
 #: Seconds between SIGTERM and SIGKILL of a hung process: it is hung, a graceful stop is not expected.
 KILL_GRACE = 2.0
+#: Share of one core below which a silent process counts as idle (nothing is running it): what it
+#: holds is ended. A stopped process or a blocked event loop use ~0 (one clock tick is 0.02 of a
+#: round); a busy one far more, unless the machine is so loaded that it waits to run: then it is
+#: runnable ("R") when looked at, and busy too.
+BUSY_SHARE = 0.1
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, bool] | None:
+    """(user + system CPU seconds of `pid`'s threads, whether it is running or runnable now), None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK, fields[0] == b"R"
 
 Probe = Callable[[float], Awaitable[bool]]
 
@@ -110,6 +130,10 @@ class _Track:
     killed: bool = False
     #: Whether cutting its connections failed (logged once; the restart at hang_timeout remains).
     cut_failed: bool = False
+    #: (time.monotonic(), CPU seconds) at the round before: whether it is idle or busy while silent.
+    cpu: tuple[float, float] | None = None
+    #: Whether it used more than BUSY_SHARE of a core since the round before.
+    busy: bool = False
 
 
 class WatchdogMetrics:
@@ -172,6 +196,7 @@ class Watchdog:
                 track = old
             tracks[target.name] = track
             if target.pid:
+                self._measure(target, track, now)
                 self._judge(target, track, ok, now)
         self.tracks = tracks
         out = {name for name, track in tracks.items() if track.out}
@@ -184,7 +209,24 @@ class Watchdog:
         for target in targets:
             track = tracks[target.name]
             if track.out and target.pid and track.pid == target.pid and not track.killed and not track.cut_failed:
-                await self._cut(target, track)
+                if not track.busy:
+                    await self._cut(target, track)
+
+    def _measure(self, target: Target, track: _Track, now: float) -> None:
+        """Whether `target` used more than BUSY_SHARE of a core since the round before."""
+        reading = cpu_seconds(target.pid)
+        if reading is None:
+            track.busy, track.cpu = False, None
+            return
+        used, runnable = reading
+        if track.cpu is not None and now > track.cpu[0]:
+            busy = runnable or (used - track.cpu[1]) / (now - track.cpu[0]) >= BUSY_SHARE
+            if busy and track.out and not track.busy:
+                logger.warning("%s (pid %d) does not answer but is busy computing: what it holds is left to "
+                               "finish; restarted if it stays silent for %gs (workers.hang_timeout)", target.name,
+                               target.pid, self.hang_timeout, extra={"event": "watchdog_busy", "target": target.name})
+            track.busy = busy
+        track.cpu = (now, used)
 
     async def _cut(self, target: Target, track: _Track) -> None:
         try:

@@ -7,6 +7,7 @@ import gc
 import importlib
 import logging
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp
 
+from appliance import toolchain
 from appliance.answers import AutoAnswers, answer_per_request
-from appliance.config import Settings
+from appliance.config import DEFAULT_SERVER, ServerSettings, Settings, server_key
 from appliance.gate import WorkerStats, build_gate
+from appliance.gate.stats import ServerHealth
 from appliance.lifetime import STOP_MARGIN, die_with_supervisord, stay_reachable_by_the_watchdog
 from appliance.metrics import TraceMetrics
 from appliance.pool import session_socket, worker_socket
@@ -32,38 +35,61 @@ logger = logging.getLogger("appliance.worker")
 
 
 class HostedAppError(Exception):
-    """The configured `mcp.app` cannot be imported or is not something we can serve."""
+    """A configured app (mcp.app, servers.<name>.app) cannot be imported or is not something we can serve."""
 
 
-def import_target(spec: str) -> Any:
-    """The object named by `module:attribute`."""
+def import_target(spec: str, key: str = "mcp.app") -> Any:
+    """The object named by `module:attribute` (`key` names the setting in errors)."""
     # Before the app's module builds its MCPServer: tells its per-process policy from its own.
     sealing.track_per_process_policies()
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is an operator-facing error
-        raise HostedAppError(f"mcp.app = {spec!r}: cannot import module {module_name!r}: {exc!r}") from None
+        raise HostedAppError(f"{key} = {spec!r}: cannot import module {module_name!r}: {exc!r}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise HostedAppError(f"mcp.app = {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+            raise HostedAppError(f"{key} = {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
     return obj
 
 
-def hosted_app(settings: Settings, index: int = 0) -> ASGIApp:
-    """The configured app as ASGI: an MCPServer gets a Streamable HTTP app built from settings,
-    sealing with the shared ring and publishing on the host's bus (worker `index`)."""
-    target = import_target(settings.mcp.app)
+def import_servers(settings: Settings) -> dict[str, Any]:
+    """Every Python server's object by server name, after reading every command server's env_files
+    (`check` and `run` do it before anything starts); HostedAppError naming the key."""
+    for server in settings.servers:
+        read_env_files(server)
+        if server.command:
+            try:
+                from appliance import bridge  # noqa: F401  (only a command server needs it)
+            except ImportError as exc:
+                raise HostedAppError(f"{server_key(server, 'command')}: this installation cannot run stdio "
+                                     f"servers: {exc}") from None
+    return {server.name: import_target(server.app, server_key(server, "app"))
+            for server in settings.hosted_servers if server.app}
+
+
+def hosted_app(settings: Settings, index: int = 0, server: ServerSettings | None = None) -> ASGIApp:
+    """One hosted server (default: the [mcp] one) as ASGI for worker `index`: an MCPServer gets a
+    Streamable HTTP app built from settings, sealing with the shared ring and publishing on the host's bus;
+    a stdio command gets the bridge."""
+    server = server or settings.hosted_servers[0]
+    if server.command:
+        # Only a command server needs the bridge (and its SDK client parts) in the worker's memory.
+        from appliance.bridge import stdio_app
+
+        return stdio_app(stdio_spec(server, settings))  # type: ignore[no-any-return]
+    key = server_key(server, "app")
+    target = import_target(server.app, key)
     mcp = settings.mcp
     if isinstance(target, MCPServer):
-        share_state(target, settings)
-        bus = share_events(target, event_fanout(settings, index))
+        share_state(target, settings, key)
+        bus = share_events(target, event_fanout(settings, index, server.name))
         app = target.streamable_http_app(
-            streamable_http_path=mcp.path,
-            json_response=mcp.json_response is True,
-            stateless_http=not mcp.sessions,
+            streamable_http_path=server.path,
+            json_response=server.json_response is True,
+            stateless_http=not server.sessions,
             max_request_body_size=mcp.max_body_bytes,
             session_idle_timeout=mcp.session_idle_timeout,
             max_sessions=mcp.max_sessions,
@@ -71,33 +97,90 @@ def hosted_app(settings: Settings, index: int = 0) -> ASGIApp:
             # app; the SDK's own check would see nginx's view and answer 421.
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
-        if mcp.json_response == "auto":
+        if server.json_response == "auto":
             answer_per_request(target.session_manager)
             app = AutoAnswers(app)
         return app if bus is None else WithBus(app, bus)
     if callable(target):
         return target  # type: ignore[no-any-return]
-    raise HostedAppError(
-        f"mcp.app = {settings.mcp.app!r} is a {type(target).__name__}: expected an MCPServer or an ASGI app"
+    raise HostedAppError(f"{key} = {server.app!r} is a {type(target).__name__}: expected an MCPServer or an ASGI app")
+
+
+def stdio_spec(server: ServerSettings, settings: Settings) -> Any:
+    """What the bridge needs to run `server`'s command: its settings, env_files read now (at worker start)."""
+    from appliance.bridge import StdioSpec
+
+    return StdioSpec(
+        server=server.name,
+        command=server.command,
+        # npx/uvx caches, home and CA bundle first (the SDK hands a child only HOME, PATH and a few
+        # more of the worker's variables); the server's own env and secret files win over them.
+        env=tuple(toolchain.runner_environment(settings.data_dir).items()) + server.env + read_env_files(server),
+        cwd=Path(server.cwd) if server.cwd else settings.data_dir,
+        isolation=server.isolation,
+        max_children=server.max_children,
+        idle_timeout=float(settings.mcp.session_idle_timeout),
+        json_response=server.json_response is True,  # "auto" is for an MCPServer: the bridge answers with streams
+        sessions=server.sessions,
+        path=server.path,
+        max_sessions=settings.mcp.max_sessions,
+        log_name=server.name,
     )
 
 
-def event_fanout(settings: Settings, index: int) -> Fanout:
-    """The host's workers; and every node on the same database when the notes live in PostgreSQL."""
-    local = LocalFanout(events_dir(settings.run_dir), index)
-    if not settings.notes.database_url_file:
+def bridge_report(name: str) -> dict[str, Any]:
+    """The stdio server `name` as the worker's probe reports it, from the bridge's own account."""
+    from appliance.bridge import bridge_status
+
+    return bridge_health(bridge_status().get(name))
+
+
+def bridge_health(state: dict[str, Any] | None) -> dict[str, Any]:
+    """The bridge's state of one server (children, restarts, up, crash_looping, …) with a probe status:
+    "ok", "down" (no child running) or "crash_looping" (given up); anything but ok degrades the worker."""
+    if state is None:
+        return {"status": "unknown", "reason": "the stdio bridge reports nothing about it (not started)"}
+    if state.get("crash_looping"):
+        return {**state, "status": "crash_looping",
+                "reason": "its command keeps exiting and is no longer restarted (see the worker's log)"}
+    if not state.get("up", True):
+        return {**state, "status": "down", "reason": "no child of its command is running"}
+    return {**state, "status": "ok"}
+
+
+def read_env_files(server: ServerSettings) -> tuple[tuple[str, str], ...]:
+    """`server`'s env_files as (name, content) pairs; HostedAppError naming the key (never the content)."""
+    values = []
+    for name, file in server.env_files:
+        try:
+            text = Path(file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise HostedAppError(f"{server_key(server, 'env_files')}.{name} = {file!r}: cannot read: {reason}") from None
+        values.append((name, text.removesuffix("\n")))
+    return tuple(values)
+
+
+def event_fanout(settings: Settings, index: int, server: str = DEFAULT_SERVER) -> Fanout:
+    """The host's workers (a socket directory per server); and every node on the same database when
+    the notes live in PostgreSQL (the [mcp] server's events only: that database is the notes')."""
+    directory = events_dir(settings.run_dir)
+    if server != DEFAULT_SERVER:
+        directory = directory / server
+    local = LocalFanout(directory, index)
+    if not settings.notes.database_url_file or server != DEFAULT_SERVER:
         return local
     return BothFanouts(local, PgFanout(Path(settings.notes.database_url_file), f"n{settings.node.ordinal}"))
 
 
-def share_state(server: MCPServer, settings: Settings) -> None:
+def share_state(server: MCPServer, settings: Settings, key: str = "mcp.app") -> None:
     """Give a hosted MCPServer what spans workers and hosts: the shared request-state ring."""
     if not sealing.seals_per_process(server):
-        logger.info("%s keeps its own request_state_security", settings.mcp.app)
+        logger.info("%s keeps its own request_state_security", key)
         return
     ring = read_ring(settings)
     sealing.share_ring(server, ring.as_bytes(), float(settings.state.request_ttl))
-    logger.info("%s seals requestState with the shared ring (key ids %s)", settings.mcp.app, " ".join(ring.fingerprints()))
+    logger.info("%s seals requestState with the shared ring (key ids %s)", key, " ".join(ring.fingerprints()))
 
 
 def hypercorn_config(settings: Settings, index: int) -> HypercornConfig:
@@ -134,7 +217,11 @@ def run_worker(settings: Settings, index: int) -> None:
     if settings.tracing.enabled:  # imported only when on: a worker with tracing off loads no OpenTelemetry SDK
         from appliance.tracing import setup_tracing
         tracing = setup_tracing(settings, f"worker-{index:02d}", index, trace_metrics)
-    app = build_gate(hosted_app(settings, index), settings, index, stats)
+    hosted = [(server, hosted_app(settings, index, server)) for server in settings.hosted_servers]
+    stats.servers = [ServerHealth(server.name, server.path, server.kind, app,
+                                  partial(bridge_report, server.name) if server.command else None)
+                     for server, app in hosted]
+    app = build_gate(hosted, settings, index, stats)
     config = hypercorn_config(settings, index)
     # Everything built so far (the SDK's and the hosted app's modules, models, schemas) lives
     # as long as the process: keep it out of the garbage collector's scans, which otherwise
@@ -154,7 +241,8 @@ def run_worker(settings: Settings, index: int) -> None:
             stats.start_draining()
             logger.info("worker %d stopping: draining %d in-flight requests", index, stats.in_flight)
 
-        logger.info("worker %d serving %s on %s", index, settings.mcp.app, config.bind[0])
+        logger.info("worker %d serving %s on %s", index,
+                    ", ".join(f"{x.name} ({x.app or x.command[0]}) at {x.path}" for x in settings.hosted_servers), config.bind[0])
         await serve(app, config, shutdown_trigger=stopped)  # type: ignore[arg-type]
 
     try:

@@ -73,18 +73,10 @@ def serve(port: int, directory: Path) -> None:
     import uvloop
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.transport_security import TransportSecuritySettings
 
-    server = MCPServer("bench")
+    from bench.add_server import streamable_app
 
-    @server.tool()
-    def add(a: int, b: int) -> int:
-        """Add two numbers."""
-        return a + b
-
-    hosted = server.streamable_http_app(
-        streamable_http_path="/mcp", transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+    hosted = streamable_app(json_response=False)
     apps = mounts(hosted, directory)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:

@@ -53,8 +53,6 @@ def child(ratio: float | None, endpoint: str, requests: int, queue_size: int) ->
     """One case: CPU µs per call (and the span counters when tracing is on)."""
     import asyncio
 
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.transport_security import TransportSecuritySettings
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -72,15 +70,9 @@ def child(ratio: float | None, endpoint: str, requests: int, queue_size: int) ->
         settings = dataclasses.replace(settings, tracing=TracingSettings(
             enabled=True, endpoint=endpoint, sample_ratio=ratio, queue_size=queue_size, export_timeout=2.0))
         tracing = setup_tracing(settings, "bench", 0)
-    server = MCPServer("bench")
+    from bench.add_server import streamable_app
 
-    @server.tool()
-    def add(a: int, b: int) -> int:
-        """Add two numbers."""
-        return a + b
-
-    hosted = server.streamable_http_app(
-        streamable_http_path="/mcp", transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+    hosted = streamable_app(json_response=False)
     app = build_gate(hosted, settings, 0, WorkerStats(index=0),
                      GateServices(NoAuth(("*",)), Policy(settings.policy), GateMetrics(0), None))
     headers, body = modern_request("tools/call", "add", {"name": "add", "arguments": {"a": 1, "b": 2}})

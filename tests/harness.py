@@ -107,7 +107,7 @@ def free_port_block(count: int) -> int:
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
-    """Enough TOML for appliance configs: scalars, lists of strings, one level of tables."""
+    """Enough TOML for appliance configs: scalars, lists of strings, tables within tables ([servers.calc])."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -118,12 +118,15 @@ def to_toml(data: Mapping[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(str(v))
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
+    def table(prefix: str, items: Mapping[str, Any]) -> list[str]:
+        lines = [f"{k} = {value(v)}" for k, v in items.items() if not isinstance(v, Mapping)]
+        for k, v in items.items():
+            if isinstance(v, Mapping):
+                lines.append(f"\n[{prefix}{k}]")
+                lines += table(f"{prefix}{k}.", v)
+        return lines
+
+    return "\n".join(table("", data)) + "\n"
 
 
 def http(method: str, url: str, body: Any = None, headers: Mapping[str, str] | None = None,

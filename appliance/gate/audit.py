@@ -34,7 +34,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.conditions import Conditions
-from appliance.config import AuditSettings, Settings
+from appliance.config import DEFAULT_SERVER, AuditSettings, Settings
 from appliance.gate.exchange import Exchange
 from appliance.gate.responses import INTERNAL_ERROR, send_jsonrpc_error
 from appliance.metrics import audit_write_errors
@@ -255,10 +255,12 @@ class AuditWriter:
 class AuditRecorder:
     """Turns a finished request's Exchange into its audit line."""
 
-    def __init__(self, writer: AuditWriter, worker: int, raw_arguments: bool) -> None:
+    def __init__(self, writer: AuditWriter, worker: int, raw_arguments: bool, server: str = DEFAULT_SERVER) -> None:
         self.writer = writer
         self.worker = worker
         self.raw_arguments = raw_arguments
+        #: The hosted server the requests went to (its [servers.<name>] name; "default" for [mcp]).
+        self.server = server
 
     def __call__(self, ex: Exchange, duration: float) -> None:
         rpc = ex.rpc
@@ -267,6 +269,7 @@ class AuditRecorder:
             "type": "mcp",
             "request_id": ex.request_id,
             "worker": self.worker,
+            "server": self.server,
             "principal": ex.principal.name if ex.principal else None,
             "client": ex.client,
             "session": ex.session,

@@ -257,10 +257,12 @@ def _quoted(text: str) -> str:
 class Authenticate:
     """401 for a request without a valid credential; otherwise notes who is calling."""
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, settings: Settings, path: str | None = None) -> None:
         self.app = app
         self.authenticator = authenticator
         self.settings = settings
+        #: The MCP path of the server this gate is in front of (default: mcp.path).
+        self.path = (path or settings.mcp.path).rstrip("/")
         self.open = isinstance(authenticator, NoAuth)
         self.key_header = settings.auth.api_key_header.lower().encode()
         self.jwt = settings.auth.mode == "jwt"
@@ -296,7 +298,7 @@ class Authenticate:
 
     async def _note_call(self, scope: Scope, receive: Receive, ex: Exchange) -> None:
         """For the record of a refused call: its method, name and id, from a small JSON body or the headers."""
-        path = self.settings.mcp.path.rstrip("/")
+        path = self.path
         length = header(scope["headers"], b"content-length")
         if (scope["method"] == "POST" and (scope["path"] == path or scope["path"].startswith(path + "/"))
                 and length is not None and length.isdigit() and int(length) <= RECORDED_BODY_LIMIT):

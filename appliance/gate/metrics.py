@@ -10,8 +10,10 @@ slot: the file holds every count the moment the request is recorded, as before.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+from appliance.config import DEFAULT_SERVER
 from appliance.gate.exchange import Exchange
 from appliance.metrics import KNOWN_METHODS, GateMetrics
 
@@ -73,12 +75,13 @@ class _Children:
 class RequestMetrics:
     """Counts a finished request: by method and status, its latency, tool outcome, authz and violations."""
 
-    def __init__(self, metrics: GateMetrics) -> None:
+    def __init__(self, metrics: GateMetrics, server: str = DEFAULT_SERVER) -> None:
         self.m = metrics
-        self.requests = _Children(metrics.requests.labels, _Counter)
-        self.latency = _Children(metrics.latency.labels, _Histogram)
-        self.tool_calls = _Children(metrics.tool_calls.labels, _Counter)
-        self.tool_latency = _Children(metrics.tool_latency.labels, _Histogram)
+        # The request metrics carry the hosted server's name first (one sink per server).
+        self.requests = _Children(partial(metrics.requests.labels, server), _Counter)
+        self.latency = _Children(partial(metrics.latency.labels, server), _Histogram)
+        self.tool_calls = _Children(partial(metrics.tool_calls.labels, server), _Counter)
+        self.tool_latency = _Children(partial(metrics.tool_latency.labels, server), _Histogram)
         self.authz = _Children(metrics.authz.labels, _Counter)
         self.violations = _Children(metrics.violations.labels, _Counter)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance import keys
 from appliance.conditions import PROCESS_CONDITIONS
-from appliance.config import ConfigError, Settings, audit_refuses
+from appliance.config import DEFAULT_SERVER, ConfigError, Settings, audit_refuses
 from appliance.gate.audit import AuditRecorder, AuditWriter, audit_dir
 from appliance.gate.auth import Authenticator, load_authenticator
 from appliance.gate.buckets import BucketsUnavailable, SharedBuckets, buckets_path
@@ -34,14 +34,20 @@ class GateServices:
     audit: AuditWriter | None
     #: The shared per-principal rate table; None only when limits.rate is 0.
     buckets: SharedBuckets | None = None
+    #: Each hosted server's policy by server name (its policy_rules, or [policy]); `policy` for others.
+    policies: dict[str, Policy] = field(default_factory=dict)
 
-    def sinks(self, index: int, raw_arguments: bool) -> list[Sink]:
-        """Where a finished request's record goes: the audit trail (when on), then the metrics."""
+    def sinks(self, index: int, raw_arguments: bool, server: str = DEFAULT_SERVER) -> list[Sink]:
+        """Where a finished request to `server` goes: the audit trail (when on), then the metrics."""
         sinks: list[Sink] = []
         if self.audit is not None:
-            sinks.append(AuditRecorder(self.audit, index, raw_arguments))
-        sinks.append(RequestMetrics(self.metrics))
+            sinks.append(AuditRecorder(self.audit, index, raw_arguments, server))
+        sinks.append(RequestMetrics(self.metrics, server))
         return sinks
+
+    def policy_for(self, server: str) -> Policy:
+        """The policy of the hosted server named `server`."""
+        return self.policies.get(server, self.policy)
 
 
 def gate_services(settings: Settings, index: int) -> GateServices:
@@ -52,13 +58,17 @@ def gate_services(settings: Settings, index: int) -> GateServices:
         audit = AuditWriter(audit_dir(settings.log_dir) / f"worker-{index:02d}.jsonl", settings.audit,
                             on_failure=metrics.audit_errors.inc, conditions=PROCESS_CONDITIONS,
                             refuse=audit_refuses(settings))
+    # Resource rules match what the hosted app resolves a URI to (its templates).
+    policies = {server.name: Policy(server.policy(settings.policy),
+                                    hosted_resources(server.app) if server.app else None)
+                for server in settings.hosted_servers}
     return GateServices(
         authenticator=load_authenticator(settings),
-        # Resource rules match what the hosted app resolves a URI to (its templates).
-        policy=Policy(settings.policy, hosted_resources(settings.mcp.app)),
+        policy=policies[DEFAULT_SERVER],
         metrics=metrics,
         audit=audit,
         buckets=open_buckets(settings),
+        policies=policies,
     )
 
 
@@ -111,7 +121,12 @@ def preflight_gate(settings: Settings, as_root: bool) -> None:
             needed.append(("admin.token_file", Path(settings.admin.token_file)))
         if settings.tracing.enabled and settings.tracing.headers_file:
             needed.append(("tracing.headers_file", Path(settings.tracing.headers_file)))
+        # A stdio server's secrets are read by its worker when it starts.
+        needed += [(f"servers.{server.name}.env_files.{name}", Path(file))
+                   for server in settings.servers for name, file in server.env_files]
         for key, path in needed:
+            if not path.exists():
+                raise ConfigError(f"'{key}' = '{path}': no such file")
             if not _readable_by(path, user):
                 raise ConfigError(f"'{key}' = '{path}': not readable by the service user {settings.user!r} "
                                   f"(e.g. chgrp {settings.user} {path} && chmod 640 {path})")

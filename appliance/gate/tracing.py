@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.gate.exchange import Exchange, exchange
 from appliance.gate.jsonrpc import read_body, replay
-from appliance.tracing import W3C, WORKER, parent_from_headers, trace_id_of
+from appliance.tracing import SERVER, W3C, WORKER, parent_from_headers, trace_id_of
 
 STATE_KEY = "appliance.trace"
 
@@ -49,11 +49,13 @@ class RequestTrace:
 class ServerSpan:
     """Opens (from a `traceparent` header), annotates and ends the server span of every HTTP request."""
 
-    def __init__(self, app: ASGIApp, tracer: Tracer, worker: int, path: str) -> None:
+    def __init__(self, app: ASGIApp, tracer: Tracer, worker: int, path: str, server: str) -> None:
         self.app = app
         self.tracer = tracer
         self.worker = worker
         self.path = path.rstrip("/")
+        # A span attribute, not the resource's: one worker hosts every [servers.<name>].
+        self.server = server
 
     def open(self, scope: Scope, rt: RequestTrace, parent: Context | None) -> trace.Span:
         # Named for the route, not the path a client chose: span names must stay few.
@@ -62,7 +64,7 @@ class ServerSpan:
         span = self.tracer.start_span(f"{scope['method']} {route}", context=parent or Context(),
                                       kind=SpanKind.SERVER, start_time=rt.start_ns,
                                       attributes={"http.request.method": scope["method"], "url.path": scope["path"],
-                                                  WORKER: self.worker})
+                                                  WORKER: self.worker, SERVER: self.server})
         rt.span = span
         ex = exchange(scope)
         if ex is not None:

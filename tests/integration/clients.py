@@ -157,7 +157,8 @@ class OpenSession:
 
 
 @contextlib.asynccontextmanager
-async def sessions_on_two_workers(url: str, tries: int = 10) -> AsyncIterator[tuple[OpenSession, OpenSession]]:
+async def sessions_on_two_workers(url: str, tries: int = 10,
+                                  headers: dict[str, str] | None = None) -> AsyncIterator[tuple[OpenSession, OpenSession]]:
     """Two open legacy sessions owned by different workers (extra ones opened on the way stay open)."""
     async with contextlib.AsyncExitStack() as stack:
         found: dict[int, OpenSession] = {}
@@ -166,7 +167,7 @@ async def sessions_on_two_workers(url: str, tries: int = 10) -> AsyncIterator[tu
                 # nginx's pooled connections opened while one worker was out (a restart just
                 # before) still lead to the other until idle this long: let them go.
                 await anyio.sleep(UPSTREAM_IDLE_TIMEOUT + 0.5)
-            client, wire = await stack.enter_async_context(mcp_client(url, "legacy"))
+            client, wire = await stack.enter_async_context(mcp_client(url, "legacy", headers=headers))
             # With its GET stream open the session holds a connection, which least_conn sees.
             with anyio.fail_after(30):
                 await wire.get_stream_opened.wait()

@@ -78,6 +78,22 @@ BAD_FILES = [
     pytest.param(("tracing", "sample_ratio", 2), ("'tracing.sample_ratio'", "2.0", "0 to 1"), id="bad-sample-ratio"),
     pytest.param(("mcp", "app", "appliance.servers.notes:no_such_server"), ("mcp.app", "no_such_server"),
                  id="missing-app-attribute"),
+    pytest.param(("servers", "files", {"command": ["x"], "colour": "blue"}), ("'servers.files.colour'", "unknown key"),
+                 id="unknown-server-key"),
+    pytest.param(("servers", "files", {}), ("'servers.files.command'", "'servers.files.app'"), id="server-without-command"),
+    pytest.param(("servers", "files", {"command": ["x"], "path": "/mcp"}), ("'servers.files.path'", "'mcp.path'"),
+                 id="two-servers-on-one-path"),
+    pytest.param(("servers", "files", {"command": ["x"], "path": "/health/files"}), ("'servers.files.path'",),
+                 id="server-path-shadows-health"),
+    pytest.param(("servers", "files", {"command": ["x"], "path": "/admin"}), ("'servers.files.path'",),
+                 id="server-path-shadows-admin"),
+    pytest.param(("servers", "Files", {"command": ["x"]}), ("'[servers.Files]'", "server name"), id="bad-server-name"),
+    pytest.param(("servers", "calc", {"app": "tests.integration.calc_server:server", "isolation": "session"}),
+                 ("'servers.calc.isolation'", "'servers.calc.command'"), id="isolation-without-command"),
+    pytest.param(("servers", "calc", {"app": "no_such_module:server"}), ("servers.calc.app", "no_such_module"),
+                 id="unimportable-server-app"),
+    pytest.param(("servers", "files", {"command": ["x"], "env_files": {"TOKEN": "/nonexistent/token"}}),
+                 ("servers.files.env_files.TOKEN", "/nonexistent/token"), id="missing-secret-file"),
 ]
 
 

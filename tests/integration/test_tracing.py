@@ -130,7 +130,12 @@ def traced_appliance(endpoint: str, **tracing: Any) -> Appliance:
                         tracing={"enabled": True, "endpoint": endpoint, "export_timeout": 1.0, **tracing})
     shutil.copy(FIXTURE_APP, app.base / "traced_app.py")
     app.env["PYTHONPATH"] = str(app.base)
+    # A stdio server beside it: the bridge's call to its child belongs to the caller's trace too.
+    app.settings["servers"] = {"tiny": {"command": ["node", str(TINY)]}}
     return app
+
+
+TINY = Path(__file__).with_name("tiny_stdio_server.mjs")
 
 
 def new_traceparent() -> tuple[str, str, str]:
@@ -207,7 +212,7 @@ def test_a_tool_call_makes_one_trace_with_the_sdks_span_under_the_gates(traced: 
     worker = gate.attributes["mcp_appliance.worker.index"]
     assert worker in (0, 1) and gate.resource["mcp_appliance.worker.index"] == worker
     assert gate.resource["service.name"] == "mcp-appliance"
-    assert gate.resource["mcp_appliance.server.name"] == "traced_app:server"
+    assert gate.attributes["mcp_appliance.server.name"] == "default"  # the [mcp] server
     assert rec.headers[-1].get("authorization") == HEADER_TOKEN  # from tracing.headers_file
 
 
@@ -348,3 +353,26 @@ def test_a_call_in_a_legacy_session_puts_the_sdks_span_under_its_own_gate_span(t
     assert status == 200
     gate, sdk = server_and_sdk_spans(rec, trace_id)
     assert gate.parent_span_id == client_span and sdk.parent_span_id == gate.span_id
+
+
+def test_a_call_to_a_stdio_server_puts_the_bridges_call_to_its_child_in_the_callers_trace(traced: Any) -> None:
+    app, rec, keys = traced
+    traceparent, trace_id, client_span = new_traceparent()
+    headers, raw = modern_request("tools/call", "ping", {"name": "ping", "arguments": {}})
+    status, _, out = http("POST", app.url + "/servers/tiny/mcp", raw,
+                          {**headers, **bearer(keys["math"]), "traceparent": traceparent})
+    answer = out if isinstance(out, bytes) else json.dumps(out).encode()  # a command server answers as a stream
+    assert status == 200 and b"pong" in answer, out
+
+    def three() -> tuple[Span, Span, Span] | None:
+        spans = rec.trace(trace_id)
+        gate = [s for s in spans if s.scope == "mcp-appliance"]
+        server = [s for s in spans if s.scope == "mcp-python-sdk" and s.kind == 2]  # SPAN_KIND_SERVER
+        client = [s for s in spans if s.scope == "mcp-python-sdk" and s.kind == 3]  # SPAN_KIND_CLIENT
+        return (gate[0], server[0], client[0]) if gate and server and client else None
+
+    gate, server, to_child = wait_until(three, 20, f"gate, SDK server and bridge client spans of trace {trace_id}")
+    assert gate.parent_span_id == client_span
+    assert gate.attributes["mcp_appliance.server.name"] == "tiny"
+    assert to_child.name == "MCP send tools/call ping"
+    assert to_child.parent_span_id in {gate.span_id, server.span_id}

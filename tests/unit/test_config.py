@@ -384,3 +384,102 @@ def test_example_config_comments_every_key() -> None:
 def test_watchdog_and_read_retry_timeouts_are_bounded(tmp_path: Path, workers: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load(tmp_path, {"workers": workers})
+
+
+CALC = {"app": "tests.integration.calc_server:server"}
+
+
+def test_server_tables_load_in_file_order_after_the_mcp_server(tmp_path: Path) -> None:
+    settings = load(tmp_path, {"mcp": {"json_response": True}, "servers": {
+        "calc": {**CALC, "policy_rules": ["tool:add = calc:use"], "policy_default": "deny"},
+        "files": {"command": ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/srv/files"],
+                  "path": "/files/mcp", "isolation": "session", "max_children": 4, "json_response": False,
+                  "env": {"LOG_LEVEL": "info"}, "env_files": {"GITHUB_TOKEN": "/etc/secrets/github"}}}})
+    default, calc, files = settings.hosted_servers
+    assert (default.name, default.path, default.kind, default.app) == ("default", "/mcp", "app", settings.mcp.app)
+    assert [s.name for s in settings.servers] == ["calc", "files"]
+    # Absent keys: the derived path, and the [mcp] answer mode.
+    assert (calc.path, calc.kind, calc.json_response, calc.sessions) == ("/servers/calc/mcp", "app", True, True)
+    assert (files.path, files.kind, files.isolation, files.max_children, files.json_response) == (
+        "/files/mcp", "command", "session", 4, False)
+    assert files.command == ("npx", "-y", "@modelcontextprotocol/server-filesystem", "/srv/files")
+    assert files.env == (("LOG_LEVEL", "info"),) and files.env_files == (("GITHUB_TOKEN", "/etc/secrets/github"),)
+
+
+def test_a_server_policy_falls_back_to_the_policy_section_key_by_key(tmp_path: Path) -> None:
+    settings = load(tmp_path, {"policy": {"default": "deny"}, "servers": {
+        "calc": {**CALC, "policy_rules": ["tool:add = calc:use"]}, "other": {"app": "mypkg.other:server"}}})
+    default, calc, other = settings.hosted_servers
+    assert default.policy(settings.policy) == settings.policy
+    assert calc.policy(settings.policy).rules == ("tool:add = calc:use",)
+    assert calc.policy(settings.policy).default == "deny"  # not set for calc: [policy]'s
+    assert other.policy(settings.policy) == settings.policy
+
+
+@pytest.mark.parametrize(
+    ("servers", "named"),
+    [({"calc": {**CALC, "colour": "blue"}}, "'servers.calc.colour'"),
+     ({"calc": {}}, "'servers.calc.command'"),
+     ({"calc": {**CALC, "command": ["calc"]}}, "'servers.calc.command'"),
+     ({"calc": {"command": []}}, "'servers.calc.command'"),
+     ({"calc": {"command": "npx server"}}, "'servers.calc.command'"),
+     ({"calc": {**CALC, "path": "/mcp"}}, "'servers.calc.path'"),
+     ({"calc": {**CALC, "path": "/mcp/calc"}}, "'servers.calc.path'"),
+     ({"calc": {**CALC, "path": "/x"}, "two": {"app": "mypkg.two:server", "path": "/x"}}, "'servers.two.path'"),
+     ({"calc": {**CALC, "path": "/health"}}, "'servers.calc.path'"),
+     ({"calc": {**CALC, "path": "/admin/calc"}}, "'servers.calc.path'"),
+     ({"calc": {**CALC, "path": "/_appliance/health"}}, "'servers.calc.path'"),
+     ({"calc": {**CALC, "path": "/metrics"}}, "'servers.calc.path'"),
+     ({"calc": {**CALC, "path": "/config"}}, "'servers.calc.path'"),
+     ({"calc": {**CALC, "path": "no-slash"}}, "'servers.calc.path'"),
+     ({"calc": {**CALC, "path": "/a b"}}, "'servers.calc.path'"),
+     ({"Calc": CALC}, r"'\[servers.Calc\]'"),
+     ({"-calc": CALC}, r"'\[servers.-calc\]'"),
+     ({"default": CALC}, r"'\[servers.default\]'"),
+     ({"calc": "app"}, "'servers.calc'"),
+     ({"calc": {**CALC, "isolation": "session"}}, "'servers.calc.isolation'"),
+     ({"calc": {**CALC, "env": {"A": "1"}}}, "'servers.calc.env'"),
+     ({"calc": {"command": ["x"], "isolation": "per-call"}}, "'servers.calc.isolation'"),
+     ({"calc": {"command": ["x"], "max_children": 0}}, "'servers.calc.max_children'"),
+     ({"calc": {"command": ["x"], "env": {"A": 1}}}, "'servers.calc.env'"),
+     ({"calc": {"command": ["x"], "env_files": {"TOKEN": "relative/file"}}}, "'servers.calc.env_files.TOKEN'"),
+     ({"calc": {"command": ["x"], "cwd": "relative"}}, "'servers.calc.cwd'"),
+     ({"calc": {**CALC, "json_response": "yes"}}, "'servers.calc.json_response'"),
+     ({"calc": {**CALC, "policy_rules": ["add needs calc:use"]}}, r"'servers.calc.policy_rules\[0\]'"),
+     ({"calc": {**CALC, "policy_default": "maybe"}}, "'servers.calc.policy_default'"),
+     ({"calc": {"app": "appliance.servers.notes:server"}}, "'servers.calc.app'"),
+     ({"calc": {"app": "no colon"}}, "'servers.calc.app'")],
+)
+def test_bad_server_tables_name_the_key(tmp_path: Path, servers: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load(tmp_path, {"servers": servers})
+
+
+def test_redacted_servers_show_where_secrets_come_from_never_what_they_are(tmp_path: Path) -> None:
+    settings = load(tmp_path, {"servers": {"gh": {"command": ["github-mcp"], "env": {
+        "GITHUB_TOKEN": "ghp_do-not-show-me", "API_KEY": "do-not-show-me-2", "LOG_LEVEL": "debug"},
+        "env_files": {"GITHUB_PAT": "/etc/secrets/github"}}}})
+    doc = redacted(settings)
+    text = json.dumps(doc)
+    assert "do-not-show-me" not in text
+    (gh,) = doc["servers"]
+    assert gh["env"]["LOG_LEVEL"] == "debug" and gh["env_files"] == {"GITHUB_PAT": "/etc/secrets/github"}
+
+
+def test_the_readmes_server_tables_are_valid_settings(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Several servers in one appliance", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "appliance.toml"
+    path.write_text(block)
+    calc, files = load_settings(path, {}).servers
+    assert (calc.path, calc.kind, files.path, files.kind) == ("/servers/calc/mcp", "app", "/servers/files/mcp", "command")
+
+
+def test_the_examples_commented_server_table_is_valid_once_uncommented(tmp_path: Path) -> None:
+    block = EXAMPLE.read_text().split("# [servers.calc]", 1)[1]
+    text = "[servers.calc]" + "".join("\n" + line.removeprefix("# ") for line in block.splitlines())
+    path = tmp_path / "appliance.toml"
+    path.write_text(text)
+    (calc,) = load_settings(path, {}).servers
+    assert (calc.app, calc.path, calc.policy_rules) == ("mypkg.calc:server", "/servers/calc/mcp", ("tool:add = calc:use",))

@@ -2,7 +2,8 @@
 and every metric an alert uses has an integration test that makes it move.
 
 `exported_names()` is the set of sample names the appliance exports; the integration
-test test_metrics.py checks that a real scrape contains every one of them.
+test test_metrics.py checks that a real scrape contains every one of them. Dashboards and
+alerts may also use what only an appliance with a stdio server exports (ALL_EXPORTED).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from appliance.config import ServerSettings, Settings
 from appliance.scrape import exported_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +54,8 @@ MOVED_BY = {
         "tests/integration/test_full_disk.py::test_a_full_data_disk_makes_add_note_say_storage_full_while_reads_work",
     "mcp_appliance_trace_spans_dropped_total":
         "tests/integration/test_tracing.py::test_a_receiver_that_is_down_or_slow_never_fails_a_call_and_drops_are_counted",
+    "mcp_appliance_stdio_crash_looping":
+        "tests/integration/test_bridge_supervision.py::test_a_crash_looping_server_is_reported_and_refused_with_503",
     "mcp_appliance_security_violations_total":
         "tests/integration/test_metrics.py::test_requests_tools_authz_and_violations_are_counted_by_label",
 }
@@ -73,16 +77,21 @@ def used(exprs: list[str]) -> set[str]:
     return {name for expr in exprs for name in METRIC.findall(expr)}
 
 
+#: What an appliance hosting a stdio server exports (its bridge's metrics besides the rest).
+ALL_EXPORTED = exported_names(Settings(servers=(ServerSettings(name="files", path="/servers/files/mcp",
+                                                               command=("mcp-server-files",)),)))
+
+
 def test_dashboard_uses_only_exported_metrics() -> None:
     names = used(dashboard_exprs())
     assert names, "the dashboard queries no appliance metric"
-    assert names <= exported_names(), sorted(names - exported_names())
+    assert names <= ALL_EXPORTED, sorted(names - ALL_EXPORTED)
 
 
 def test_alert_rules_use_only_exported_metrics() -> None:
     exprs = [rule["expr"] for rule in alert_rules()]
     names = used(exprs)
-    assert names <= exported_names(), sorted(names - exported_names())
+    assert names <= ALL_EXPORTED, sorted(names - ALL_EXPORTED)
     others = {w for e in exprs for w in re.findall(r"\b([a-z_]+)\{", e) if not w.startswith("mcp_appliance_")}
     assert others <= PROMETHEUS_OWN, others
 

@@ -269,3 +269,25 @@ def test_only_sessionless_reads_go_where_nginx_may_send_them_twice(tmp_path: Pat
     # Everything else never goes twice to a worker once it was sent.
     mcp = re.search(r"location = /mcp \{(.*?)\n        \}", nginx, re.S)
     assert mcp is not None and "non_idempotent" not in mcp[1] and "return 418;" in mcp[1]
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+def test_every_server_path_gets_the_mcp_location_and_nginx_accepts_it(tmp_path: Path) -> None:
+    from appliance.config import ServerSettings
+
+    servers = (ServerSettings(name="calc", path="/servers/calc/mcp", app="mypkg.calc:server"),
+               ServerSettings(name="files", path="/files/mcp", command=("npx", "server-filesystem")))
+    settings = settings_for(tmp_path, 2, servers=servers)
+    nginx = render(tmp_path, settings)["nginx.conf"]
+    for path in ("/mcp", "/servers/calc/mcp", "/files/mcp"):
+        location = re.search(rf"location = {re.escape(path)} \{{(.*?)\n        \}}", nginx, re.S)
+        assert location is not None, path
+        # The same treatment as /mcp: owner routing, a dead owner's 404, reads sent to @mcp_read, limits.
+        assert f"proxy_pass http://$mcp_upstream{path}$is_args$args;" in location[1]
+        assert "error_page 502 504 = $mcp_unavailable;" in location[1]
+        assert "return 418;" in location[1] and "error_page 429 = @appliance_rate_limited;" in location[1]
+    result = subprocess.run(
+        [NGINX, "-t", "-c", str(settings.run_dir / "nginx.conf"), "-p", f"{settings.run_dir}/nginx/", "-e", "stderr"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr

@@ -41,12 +41,12 @@ def test_every_count_of_a_recorded_request_is_in_the_multiprocess_files(tmp_path
     def value(name: str, **labels: str) -> float:
         return samples[f"{name}{sorted(labels.items())}"]  # type: ignore[no-any-return]
 
-    assert value("mcp_appliance_requests_total", method="tools/call", status="200") == 3
-    assert value("mcp_appliance_tool_calls_total", tool="add", outcome="ok") == 2
-    assert value("mcp_appliance_tool_calls_total", tool="add", outcome="tool_error") == 1
+    assert value("mcp_appliance_requests_total", server="default", method="tools/call", status="200") == 3
+    assert value("mcp_appliance_tool_calls_total", server="default", tool="add", outcome="ok") == 2
+    assert value("mcp_appliance_tool_calls_total", server="default", tool="add", outcome="tool_error") == 1
     assert value("mcp_appliance_authz_decisions_total", decision="allowed", reason="authenticated") == 3
-    for name, labels in (("mcp_appliance_request_duration_seconds", {"method": "tools/call"}),
-                         ("mcp_appliance_tool_call_duration_seconds", {"tool": "add"})):
+    for name, labels in (("mcp_appliance_request_duration_seconds", {"server": "default", "method": "tools/call"}),
+                         ("mcp_appliance_tool_call_duration_seconds", {"server": "default", "tool": "add"})):
         assert value(f"{name}_count", **labels) == 3
         assert abs(value(f"{name}_sum", **labels) - 70.3004) < 1e-9
         # Buckets are cumulative: 0.0004 s in the first, 0.3 s from 0.5 up, 70 s only in +Inf.

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from appliance.watchdog import FAILURES, Target, Watchdog, WatchdogMetrics
+from tests.harness import wait_until
 
 
 class Fleet:
@@ -43,10 +44,18 @@ class Fleet:
         return 1
 
 
+def sleeping(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0] == b"S"
+
+
 @pytest.fixture
 def children() -> Iterator[dict[str, int]]:
     procs = {f"w-{k}": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for k in (0, 1)}
     try:
+        # Idle, as a stopped or blocked worker is: past the interpreter's start-up, asleep.
+        for p in procs.values():
+            wait_until(lambda: sleeping(p.pid), 10, "child asleep")
         yield {name: p.pid for name, p in procs.items()}
     finally:
         for p in procs.values():  # ours, by pid
@@ -132,3 +141,29 @@ async def test_a_new_watchdog_keeps_out_what_its_predecessor_took_out_until_it_a
     fleet.answering["w-1"] = True
     await watchdog.round()
     assert fleet.out == set()
+
+
+@pytest.mark.anyio
+async def test_a_silent_process_that_is_busy_computing_goes_out_but_what_it_holds_is_not_ended() -> None:
+    """An overloaded worker answers its probe late while it serves what it holds: cutting that would turn
+    slowness into errors. A silent one that uses no CPU (stopped, deadlocked, blocked in sleep) is cut."""
+    import anyio
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        wait_until(lambda: sleeping(idle.pid), 10, "idle child asleep")
+        fleet = Fleet({"w-0": idle.pid, "w-1": busy.pid})
+        watchdog = dog(fleet, hang_timeout=60)
+        await watchdog.round()
+        fleet.answering = {"w-0": False, "w-1": False}
+        for _ in range(FAILURES + 2):
+            await anyio.sleep(0.2)  # CPU time accrues between rounds, as between real ones
+            await watchdog.round()
+        assert fleet.out == {"w-0", "w-1"}
+        assert "w-0" in fleet.cuts
+        assert "w-1" not in fleet.cuts
+    finally:
+        for p in (busy, idle):  # ours, by pid
+            p.kill()
+            p.wait()
