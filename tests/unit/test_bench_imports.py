@@ -30,7 +30,7 @@ def test_no_benchmark_or_test_module_changes_the_import_path() -> None:
 
 
 @pytest.mark.parametrize("module", ["bench.run", "bench.ratios", "bench.gate_overhead", "bench.gate_layers",
-                                    "bench.baseline", "bench.stdio"])
+                                    "bench.baseline", "bench.stdio", "bench.worker_ab"])
 def test_benchmark_commands_start_from_the_repo_root(module: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env,
