@@ -38,10 +38,14 @@ def test_supergateway_sessions_are_counted_with_one_server_child_per_session(ser
     if os.geteuid() != 0:
         missing("supergateway runs in a network namespace of its own (root)")
     connections = 2
+    # Long enough for every session's first answer: supergateway starts a child per session
+    # (about 1.5 s on a loaded 2-core machine), and a run shorter than that has no answer at all.
+    seconds = 5
     with stdio.supergateway(server_bin, stdio.SUPERGATEWAY_BIN, stateful=True) as side:
         figures, cost = stdio.measure(side.root, server_bin, lambda: wrk.run(
-            side.url, "sessions", 1, connections, stdio.TOOL, stdio.ARGUMENTS, success=stdio.SUCCESS, prefix=side.prefix))
-        wrong = wrk.run(side.url, "sessions", 1, 1, stdio.TOOL, {"message": "not the bench's"},
+            side.url, "sessions", seconds, connections, stdio.TOOL, stdio.ARGUMENTS, success=stdio.SUCCESS,
+            prefix=side.prefix))
+        wrong = wrk.run(side.url, "sessions", seconds, 1, stdio.TOOL, {"message": "not the bench's"},
                         success=stdio.SUCCESS, prefix=side.prefix)
         gateway = [p for p in stdio.tree(side.root) if "supergateway" in " ".join(p.cmdline())]
     assert figures.requests > 0 and figures.errors == 0, figures.detail
