@@ -77,7 +77,8 @@ class WorkersSettings:
     graceful_timeout: int = 20
     #: Seconds a worker may stay alive but unanswering (a blocked event loop, a deadlock, a stopped
     #: process) before the watchdog restarts it (SIGTERM, then SIGKILL); it leaves nginx's pool
-    #: after about 1.5 s without an answer and returns when it answers again.
+    #: after about 1.5 s without an answer and returns when it answers again. A stdio server's child that
+    #: answers no ping for as long is restarted too.
     hang_timeout: float = 30.0
     #: Seconds nginx waits for a worker's answer to a read (a 2026-07-28 request whose Mcp-Method is
     #: tools/list, resources/read, prompts/get, ping, …) before it sends the read to another worker.

@@ -93,6 +93,8 @@ class Target:
     pid: int
     #: Whether it answers within the given seconds.
     probe: Probe
+    #: Whether it has answered already (a stdio child past its initialize): judged from its first probe on.
+    ready: bool = False
 
 
 class Watched(Protocol):
@@ -191,7 +193,7 @@ class Watchdog:
             old = self.tracks.get(target.name)
             if old is None or old.pid != target.pid:
                 # A new process (or none): one that replaced an unanswering one stays out until it answers.
-                track = _Track(target.pid, out=old is not None and old.out)
+                track = _Track(target.pid, answered=target.ready, out=old is not None and old.out)
             else:
                 track = old
             tracks[target.name] = track

@@ -125,6 +125,7 @@ def stdio_spec(server: ServerSettings, settings: Settings) -> Any:
         path=server.path,
         max_sessions=settings.mcp.max_sessions,
         log_name=server.name,
+        hang_timeout=settings.workers.hang_timeout,
     )
 
 

@@ -17,18 +17,25 @@ from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
-from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ResourceUpdated, ToolsListChanged
+from mcp.shared.subscriptions import (
+    PromptsListChanged,
+    ResourcesListChanged,
+    ResourceUpdated,
+    ToolsListChanged,
+)
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from starlette.types import Receive, Scope, Send
 
 from appliance.bridge import status
 from appliance.bridge.child import Child, ChildGone
 from appliance.bridge.children import Children, Refused
+from appliance.bridge.liveness import ChildFleet, child_watchdog_metrics
 from appliance.bridge.metrics import bridge_metrics
 from appliance.bridge.proxy import bridge_server
 from appliance.bridge.rounds import Replay
 from appliance.bridge.spec import StdioSpec
 from appliance.gate.responses import INTERNAL_ERROR, send_rpc_error
+from appliance.watchdog import Watchdog
 
 logger = logging.getLogger("appliance.bridge")
 
@@ -188,6 +195,9 @@ class Bridge:
             async with anyio.create_task_group() as tg, self.manager.run():
                 self._tg = tg
                 await self.children.run(tg)
+                # Hung children are restarted like hung workers (appliance/bridge/liveness.py).
+                tg.start_soon(Watchdog(ChildFleet(self.children), self.spec.hang_timeout,
+                                       child_watchdog_metrics()).run)
                 status.register(self.spec.server, self)
                 await send({"type": "lifespan.startup.complete"})
                 started = True

@@ -24,6 +24,8 @@ class StdioSpec:
     path: str = "/mcp"
     max_sessions: int = 10000
     log_name: str = ""
+    #: Seconds a child may stay alive but not answer ping before it is restarted (workers.hang_timeout).
+    hang_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.command:

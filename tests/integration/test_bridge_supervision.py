@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import Appliance, http, running, wait_until
+from tests.harness import Appliance, http, new_appliance, running, wait_until
 from tests.integration.bridgekit import alive, bridged_appliance, commands, guards, tree
 from tests.integration.clients import modern_request
 from tests.integration.test_metrics import scrape, total
@@ -99,3 +100,39 @@ def test_stopping_the_appliance_ends_every_child() -> None:
     # running() stopped the appliance (SIGTERM to supervisord, which stops the worker).
     wait_until(lambda: not alive(child), 5, "the child ended with the appliance")
     assert not [p.pid for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])]
+
+
+def test_a_hung_child_is_restarted_after_hang_timeout_and_the_server_answers_again() -> None:
+    """A stdio server that is alive but answers nothing (SIGSTOP: as a blocked event loop) holds every call
+    sent to it: the watchdog pings each child and restarts one silent for workers.hang_timeout."""
+    marker = f"hung-{os.getpid()}"
+    app = new_appliance(1)
+    app.settings["workers"]["hang_timeout"] = 3
+    app.settings["servers"] = {"tiny": {"command": ["node", TINY, marker]}}
+
+    def tiny() -> list[int]:
+        found = []
+        for pid in tree(app.worker_pid(0)):  # node itself, not its guard (whose arguments name it too)
+            with contextlib.suppress(FileNotFoundError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if argv[0].endswith(b"node") and marker.encode() in argv:
+                    found.append(pid)
+        return found
+
+    def answers() -> bool:
+        headers, body = modern_request("tools/call", "ping", {"name": "ping", "arguments": {}})
+        status, _, out = http("POST", app.url + "/servers/tiny/mcp", body, headers, timeout=5)
+        return status == 200 and b"pong" in out
+
+    with running(app):
+        [hung] = wait_until(tiny, 30, "the tiny server started")
+        restarts = total(scrape(app), "mcp_appliance_stdio_child_hang_restarts_total", stdio_child="tiny")
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            wait_until(lambda: tiny() and hung not in tiny(), 30, "a new child in place of the hung one")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+        wait_until(answers, 30, "the server answers again")
+        assert total(scrape(app), "mcp_appliance_stdio_child_hang_restarts_total", stdio_child="tiny") == restarts + 1
