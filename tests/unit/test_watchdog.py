@@ -44,9 +44,14 @@ class Fleet:
         return 1
 
 
+def state(pid: int) -> str:
+    """The kernel's one-letter state of `pid` (S asleep, R running, Z zombie, …)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
 def sleeping(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return f.read().rsplit(b")", 1)[1].split()[0] == b"S"
+    return state(pid) == "S"
 
 
 @pytest.fixture
@@ -117,9 +122,8 @@ async def test_process_silent_for_hang_timeout_is_killed_and_its_successor_stays
     assert [name for _, name, _ in watchdog.restarts] == ["w-1"]
     while time.monotonic() < deadline and subprocess.run(["kill", "-0", str(old)], capture_output=True).returncode == 0:
         # Popen has not reaped it yet: a zombie counts as gone; poll /proc for its state.
-        with open(f"/proc/{old}/stat") as stat:
-            if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
+        if state(old) == "Z":
+            break
         await watchdog.round()
     # The supervisor started a new process under the same name: out until it answers.
     fleet.pids["w-1"] = children["w-0"] + 10**6
