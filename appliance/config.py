@@ -55,6 +55,11 @@ class HttpSettings:
     upstream_keepalive: int = 64
     #: Connections each nginx worker process may hold (clients plus upstreams).
     worker_connections: int = 4096
+    #: nginx worker processes; 0: one per 4 CPUs the appliance may use (its cgroup's CPU quota, else
+    #: the machine's count), at least one. Proxying a call costs nginx about a tenth of what the
+    #: call costs a worker, so one nginx process keeps up with 4 cores of workers, and fewer
+    #: processes contend for the cores (bench/RESULTS.md).
+    nginx_workers: int = 0
     #: Load balancers / proxies (CIDR) whose X-Forwarded-For nginx believes: the real client
     #: address then drives per-address limits and audit records. Empty: trust nobody. List only
     #: the proxies themselves (your load balancer, your Ingress controller's pods), never a network
@@ -761,6 +766,8 @@ def validate(settings: Settings) -> None:
     for key in ("max_body_bytes", "read_timeout", "connect_timeout", "upstream_keepalive", "worker_connections"):
         value = getattr(settings.http, key)
         need(value > 0, f"http.{key}", value, "a positive integer")
+    need(0 <= settings.http.nginx_workers <= 1024, "http.nginx_workers", settings.http.nginx_workers,
+         "0 (one per 4 CPUs) to 1024")
     m = settings.mcp
     _validate_servers(settings, need)
     for key in ("session_idle_timeout", "max_sessions", "max_sessions_per_principal", "max_body_bytes"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import shlex
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from appliance.lifetime import supervisord_pidfile
 from appliance.config import Settings
 from appliance.metrics import edge_socket, multiproc_dir
 from appliance.gate.sessions import owner_prefix
+from appliance.scrape import cpu_limit
 from appliance.supervisor import socket_path, worker_program
 
 TEMPLATES = {
@@ -63,6 +65,11 @@ def _listen(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def nginx_workers(settings: Settings) -> int:
+    """How many worker processes nginx runs (http.nginx_workers; 0: one per 4 CPUs, at least one)."""
+    return settings.http.nginx_workers or max(1, math.ceil(cpu_limit() / 4))
+
+
 def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]:
     """The data the templates use, prepared here so the templates stay plain."""
     count = settings.workers.count
@@ -103,6 +110,7 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "socket": socket_path(settings.run_dir),
         "pidfile": supervisord_pidfile(settings.run_dir),
         "http": settings.http,
+        "nginx_workers": nginx_workers(settings),
         "listen": _listen(settings.http.host, settings.http.port),
         "worker_upstreams": workers,
         "worker_count": count,

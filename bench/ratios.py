@@ -15,6 +15,7 @@ Usage (from the repo root; `python -m bench.run` runs it): python -m bench.ratio
 from __future__ import annotations
 
 import argparse
+import math
 import contextlib
 import os
 import statistics
@@ -122,18 +123,24 @@ def model(m: dict[str, Any], n: int) -> list[str]:
         f"nginx {one.get('nginx', 0):.0f}.",
         "",
         "Model: calls/s(C) = min((C - admin(C)) x 10^6 / (workers + nginx + supervisord + events us per call), "
-        "10^6 / supervisord's us per call), admin(C) = the admin app's cores at N, times C / N. Assumptions: one "
-        "worker per core and `worker_processes auto` (one nginx worker per core); the clients on other machines "
-        f"(wrk's CPU left out); the per-call CPU measured at N={n} holds at every N (the workers share only the rate "
-        "table, one fcntl lock per call of a non-exempt client, and the metrics directory, one file each); "
+        "nginx processes(C) x 10^6 / nginx's us per call, 10^6 / supervisord's us per call), admin(C) = the admin "
+        "app's cores at N, times C / N. Assumptions: one worker per core and nginx's default of one worker process "
+        "per 4 cores (`http.nginx_workers` = 0; an nginx process uses one core at most); the clients on other "
+        f"machines (wrk's CPU left out); the per-call CPU measured at N={n} holds at every N (the workers share only "
+        "the rate table, one fcntl lock per call of a non-exempt client, and the metrics directory, one file each); "
         "supervisord is one process reading the one log pipe of nginx and the workers.",
-        "", "| cores | calls/s | supervisord's own limit | first limit |", "|---:|---:|---:|---|"]
+        "", "| cores | calls/s | nginx processes | their limit | supervisord's own limit | first limit |",
+        "|---:|---:|---:|---:|---:|---|"]
+    nginx = c.get("nginx", 0.0)
     for cores in CORES:
         busy = admin_cores * cores / n
         total = (cores - busy) * 1e6 / per_call if per_call else 0.0
+        processes = max(1, math.ceil(cores / 4))
+        edge = processes * 1e6 / nginx if nginx > 0.05 else float("inf")
         single = 1e6 / supervisord if supervisord > 0.05 else float("inf")
-        first = "supervisord (log pipe)" if single < total else "the cores (workers, then nginx)"
-        lines.append(f"| {cores} | {min(total, single):.0f} | {single:.0f} | {first} |")
+        first = min((total, "the cores (workers, then nginx)"), (edge, "nginx's processes"),
+                    (single, "supervisord (log pipe)"))
+        lines.append(f"| {cores} | {first[0]:.0f} | {processes} | {edge:.0f} | {single:.0f} | {first[1]} |")
     return lines
 
 

@@ -121,10 +121,15 @@ def _too_deep(body: bytes, data: Any) -> bool:
     return False
 
 
+#: Made once: json.loads(body, parse_constant=...) builds a new decoder on every call.
+_decode = json.JSONDecoder(parse_constant=_no_constants).decode
+
+
 def parse_body(body: bytes) -> RpcCall:
     """The JSON-RPC message (or batch) in a request body; RpcError when it is not one."""
     try:
-        data = json.loads(body, parse_constant=_no_constants)
+        # What json.loads does with bytes: UTF-8, -16 or -32 by the first bytes.
+        data = _decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except _NotJson as exc:
         raise RpcError(INVALID_REQUEST, f"Invalid request: {exc} is not a JSON value") from None
     except RecursionError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -10,7 +11,10 @@ import pytest
 
 from appliance.conditions import Conditions
 from appliance.config import AuditSettings
-from appliance.gate.audit import RESERVE, AuditWriter, arguments_digest
+from appliance.gate.audit import RESERVE, AuditRecorder, AuditWriter, arguments_digest
+from appliance.gate.auth import Principal
+from appliance.gate.exchange import Exchange
+from appliance.gate.jsonrpc import RpcCall
 from tests.tmpfs import fill, remount, tmpfs
 
 
@@ -129,3 +133,59 @@ def test_a_rotated_file_gives_back_its_reserved_space(tmp_path: Path) -> None:
     writer.close()
     rotated = tmp_path / "worker-00.jsonl.1"
     assert rotated.stat().st_blocks * 512 < RESERVE  # only its records, not the space reserved ahead
+
+
+def _as_dict(ex: Exchange, duration: float, worker: int, server: str, raw: bool) -> dict[str, object]:
+    """The record as the recorder built it before it wrote one f-string: a dict through json."""
+    rpc = ex.rpc
+    record: dict[str, object] = {
+        "type": "mcp", "request_id": ex.request_id, "worker": worker, "server": server,
+        "principal": ex.principal.name if ex.principal else None, "client": ex.client, "session": ex.session,
+        "protocol_version": ex.protocol_version, "http_method": ex.http_method,
+        "method": rpc.method if rpc else None, "jsonrpc_id": rpc.id if rpc else None,
+        "name": rpc.name if rpc else None, "outcome": ex.outcome, "status": ex.status,
+        "duration_ms": round(duration * 1000, 3)}
+    if rpc is not None and rpc.batch:
+        record["batch"] = [{"method": c.method, "name": c.name, "jsonrpc_id": c.id} for c in rpc.batch]
+    if rpc is not None and rpc.kind is not None:
+        record["kind"] = rpc.kind
+    if rpc is not None and rpc.has_arguments:
+        record["arguments_sha256"] = arguments_digest(rpc.arguments)
+        if raw:
+            record["arguments"] = rpc.arguments
+    for key, value in (("reason", ex.denied), ("violation", ex.violation), ("trace_id", ex.trace_id)):
+        if value:
+            record[key] = value
+    return record
+
+
+EXCHANGES = [
+    Exchange(started=0.0, http_method="POST"),
+    Exchange(started=0.0, http_method="POST", request_id="r-1", client="127.0.0.1", protocol_version="2026-07-28",
+             rpc=RpcCall(method="tools/call", id=7, kind="tool", name="add", arguments={"b": 2, "a": 1}),
+             status=200, answer=("result", True)),
+    Exchange(started=0.0, http_method="POST", request_id="r-2", session="s\"\\é",
+             principal=Principal(name="ci-bot ✓", scopes=frozenset()),
+             rpc=RpcCall(method="resources/read", id="id \"x\"", kind="resource", name="notes://1\n"),
+             status=403, denied="policy", violation="policy", trace_id="ab" * 16),
+    Exchange(started=0.0, http_method="POST", rpc=RpcCall(method="tools/call", id=1.5, kind="tool", name="\ud800",
+                                                         arguments=["☃", None, 1e300])),
+    Exchange(started=0.0, http_method="POST", rpc=RpcCall(
+        method="batch", batch=(RpcCall(method="ping", id=None), RpcCall(method="tools/call", id=2, name="x"))),
+        status=400),
+]
+
+
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("ex", EXCHANGES, ids=range(len(EXCHANGES)))
+def test_each_record_is_one_json_line_with_the_members_of_the_exchange(tmp_path: Path, ex: Exchange,
+                                                                       raw: bool) -> None:
+    writer = AuditWriter(tmp_path / "worker-00.jsonl", AuditSettings(fsync="none"))
+    AuditRecorder(writer, 3, raw, "notes")(ex, 0.0123456)
+    writer.close()
+    (line,) = (tmp_path / "worker-00.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    stamp = record.pop("time")
+    assert datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC) <= datetime.now(UTC)
+    assert len(stamp) == len("2026-12-02T02:19:04.921Z")
+    assert record == _as_dict(ex, 0.0123456, 3, "notes", raw)

@@ -386,6 +386,12 @@ def test_watchdog_and_read_retry_timeouts_are_bounded(tmp_path: Path, workers: d
         load(tmp_path, {"workers": workers})
 
 
+@pytest.mark.parametrize("count", [-1, 1025])
+def test_a_negative_or_huge_nginx_worker_count_names_the_key(tmp_path: Path, count: int) -> None:
+    with pytest.raises(ConfigError, match=rf"'http.nginx_workers' = {count} is invalid: expected 0 \(one per 4 CPUs\)"):
+        load(tmp_path, {"http": {"nginx_workers": count}})
+
+
 CALC = {"app": "tests.integration.calc_server:server"}
 
 

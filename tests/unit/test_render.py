@@ -291,3 +291,13 @@ def test_every_server_path_gets_the_mcp_location_and_nginx_accepts_it(tmp_path: 
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("cpus", "setting", "processes"), [(1, 0, 1), (2, 0, 1), (4, 0, 1), (4.5, 0, 2), (16, 0, 4),
+                                                             (2, 3, 3)])
+def test_nginx_runs_one_worker_process_per_four_cpus_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  cpus: float, setting: int, processes: int) -> None:
+    monkeypatch.setattr("appliance.render.cpu_limit", lambda: cpus)
+    settings = settings_for(tmp_path, http=dataclasses.replace(Settings().http, nginx_workers=setting))
+    conf = render(tmp_path, settings)["nginx.conf"]
+    assert re.findall(r"^worker_processes (\S+);$", conf, re.MULTILINE) == [str(processes)]
