@@ -293,11 +293,10 @@ class Bridge:
         self._schemas_known()
 
     async def _roots_changed(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        """A client's roots changed: only a child of that one session hears it (see `_sole_session`)."""
         sid = _session_id(ctx)
         child = self.by_session.get(sid) if sid else None
-        if child is None and self.spec.isolation == "shared":
-            child = self.children._shared
-        if child is not None:
+        if child is not None and self._sole_session(child) is not None:
             await child.notify(types.RootsListChangedNotification())
 
     # -- what the child sends -------------------------------------------------------------
@@ -317,6 +316,12 @@ class Bridge:
             return last if last.protocol_version not in MODERN_PROTOCOL_VERSIONS else None
         return None
 
+    def _sole_session(self, child: Child) -> ServerSession | None:
+        """The legacy session of a `session` child that serves that one session alone."""
+        if self.spec.isolation != "session" or len(child.session_ids) != 1:
+            return None
+        return self.peers.get(next(iter(child.session_ids)))
+
     def _own_session(self, child: Child) -> ServerSession | None:
         """A `session` child's one legacy session, when nothing is in flight (its standalone stream)."""
         if child.in_flight or self.spec.isolation != "session" or len(child.session_ids) != 1:
@@ -326,7 +331,8 @@ class Bridge:
     async def _ask(self, child: Child, method: str, params: Any) -> Any:
         """A request from the child (sampling, elicitation, roots) to the client it serves.
 
-        A 2026-07-28 call that is the child's only one in flight answers it by multi-round-trip
+        roots/list goes only to the session of a child that serves one session alone. For the
+        others: a 2026-07-28 call that is the child's only one in flight answers it by multi-round-trip
         (rounds.py). Otherwise it goes on the stream of the request in flight on that child
         when they all come from one legacy session; with none in flight, on the standalone
         stream of a `session` child's session. A shared child with several callers cannot
@@ -334,6 +340,25 @@ class Bridge:
         """
         request_type, result_type = _REQUESTS[method]
         request = request_type(params=params) if params is not None else request_type()
+        if method == "roots/list":
+            # Roots say what a client lets the server see, and a server keeps them for what it does
+            # next (server-filesystem narrows its directories to them; server-everything asks at
+            # start, while the call that started it is in flight). Asked of whichever client has a
+            # call in flight, one client's roots would rule the child for every other: only a child
+            # of one legacy session asks its client.
+            peer = self._sole_session(child)
+            if peer is None:
+                return types.ErrorData(code=types.INVALID_REQUEST, message=(
+                    "roots/list: this stdio server's process serves several clients (isolation 'shared', or the "
+                    "pool for 2026-07-28 calls), so no one client's roots are its own"))
+            caller = self._caller(child)  # on the stream of its call in flight, when it has one
+            try:
+                if caller is not None and caller.session is peer and caller.session.can_send_request:
+                    return await peer.send_request(
+                        request, result_type, metadata=ServerMessageMetadata(related_request_id=caller.request_id))
+                return await peer.send_request(request, result_type)
+            except MCPError as exc:
+                return types.ErrorData(code=exc.code, message=exc.message, data=exc.data)
         if len(child.in_flight) == 1 and (replay := self.replays.get(id(child.in_flight[0]))) is not None:
             answer = await replay.answer(request)
             if answer is None:

@@ -269,3 +269,16 @@ async def test_a_list_change_of_the_child_reaches_a_2026_listener() -> None:
                     async for event in subscription:
                         assert type(event).__name__ == "ToolsListChanged"
                         break
+
+
+async def test_a_session_child_asks_its_own_client_for_its_roots(everything_per_session: Host) -> None:
+    asked: list[str] = []
+
+    async def list_roots(context: object) -> types.ListRootsResult:
+        asked.append("mine")
+        return types.ListRootsResult(roots=[types.Root(uri="file:///srv/mine", name="mine")])
+
+    async with mcp_client(everything_per_session.url, "legacy", list_roots_callback=list_roots) as (client, _):
+        result = await client.call_tool("get-roots-list", {})
+    assert asked, "the session's own child did not ask its client for roots"
+    assert "file:///srv/mine" in " ".join(c.text for c in result.content if isinstance(c, types.TextContent))

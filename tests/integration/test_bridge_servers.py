@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import mcp_types as types
@@ -177,3 +178,26 @@ async def test_a_shared_childs_elicitation_never_reaches_another_client() -> Non
         assert asked_bystander == [], "another client's elicitation reached the bystander"
         assert asked_asker == [], "a guess: the bridge cannot know the elicitation is the asker's"
         assert isinstance(result, Exception) or result.is_error, result
+
+
+def roots_of(owner: str, asked: list[str]) -> Any:
+    """A client's list_roots callback: one root named after `owner`; notes each time it is asked."""
+    async def list_roots(context: object) -> types.ListRootsResult:
+        asked.append(owner)
+        return types.ListRootsResult(roots=[types.Root(uri=f"file:///srv/{owner}", name=owner)])
+    return list_roots
+
+
+async def test_a_shared_child_never_takes_one_clients_roots_for_every_client() -> None:
+    # server-everything keeps the roots it is given for every later call (server-filesystem narrows its
+    # directories to them): asked of the client whose call is in flight, they would rule the others too.
+    with hosted(command=list(third_party.everything()), isolation="shared") as host:
+        asked: list[str] = []
+        async with mcp_client(host.url, MODERN_VERSION, list_roots_callback=roots_of("first", asked)) as (first, _):
+            mine = await first.call_tool("get-roots-list", {})
+        async with mcp_client(host.url, "legacy", list_roots_callback=roots_of("second", asked)) as (second, _):
+            theirs = await second.call_tool("get-roots-list", {})
+    assert asked == [], "a shared child's roots/list reached a client"
+    for result in (mine, theirs):
+        text = " ".join(c.text for c in result.content if isinstance(c, types.TextContent))
+        assert "file:///srv/" not in text, text
