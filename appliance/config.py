@@ -53,8 +53,9 @@ class HttpSettings:
     connect_timeout: int = 2
     #: Idle keepalive connections nginx keeps to each worker.
     upstream_keepalive: int = 64
-    #: Connections each nginx worker process may hold (clients plus upstreams).
-    worker_connections: int = 4096
+    #: Connections each nginx worker process may hold (clients plus upstreams: an open SSE stream
+    #: holds two). Sized for one process per 4 CPUs (nginx_workers): a 2-core host holds ~8,000 streams.
+    worker_connections: int = 16384
     #: nginx worker processes; 0: one per 4 CPUs the appliance may use (its cgroup's CPU quota, else
     #: the machine's count), at least one. Proxying a call costs nginx about a tenth of what the
     #: call costs a worker, so one nginx process keeps up with 4 cores of workers, and fewer

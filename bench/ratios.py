@@ -147,7 +147,7 @@ def model(m: dict[str, Any], n: int) -> list[str]:
 def report(m: dict[str, Any], args: argparse.Namespace) -> str:
     n = args.workers
     mach = m["machine"]
-    lines = [BEGIN, "", f"## The `add` server: the appliance against a bare process (issue 12)", "",
+    lines = [BEGIN, "", "## The `add` server: the appliance against a bare process (issue 12)", "",
              f"`python -m bench.run --workers {n} --duration {args.duration} --rounds {args.rounds} --connections "
              f"{args.connections}` ({mach.get('date', '')}; {mach.get('CPUs (nproc)', '')} CPUs, {mach.get('CPU model', '')}; "
              f"load average before the run {mach.get('load average (1 min) before the run', '?')}, after "

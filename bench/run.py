@@ -50,8 +50,10 @@ import psutil
 from appliance import pool
 from appliance.config import load_settings
 from appliance.gate.services import preflight_gate
+from appliance.lifetime import supervisord_pidfile
 from appliance.health import worker_process_name
 from appliance.preflight import prepare_dirs
+from appliance.state.keys import ensure_ring
 from bench import wrk
 
 # The benchmark starts appliances and talks MCP the way the tests do: one set of helpers,
@@ -146,27 +148,39 @@ def baseline(name: str, stateless: bool = False, gc_freeze: bool = False, app: s
         shutil.rmtree(data, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def gate_worker() -> Iterator[Server]:
-    """One appliance worker (gate + hosted app on hypercorn) alone: no nginx, no supervisord."""
-    app = new_appliance(1)
+def lone_worker(app: Appliance, name: str, url_path: str = "/mcp", code: Path | None = None) -> Server:
+    """Start worker 0 of `app` alone, with this process as its supervisord (a worker exits at once when its
+    parent is not the one in supervisord.pid): the gate and the hosted app on hypercorn, no nginx. `code`:
+    the tree the worker imports the appliance from (PYTHONPATH; default: the installed package)."""
     app.config_path.write_text(to_toml(app.settings))
     settings = load_settings(app.config_path, {})
     prepare_dirs(settings, as_root=False)
     preflight_gate(settings, as_root=False)
     pool.prepare(settings.run_dir, [0])
+    ensure_ring(settings, as_root=False)
+    supervisord_pidfile(settings.run_dir).write_text(str(os.getpid()))
+    env = {**os.environ, "MCP_APPLIANCE_DATA_DIR": str(settings.data_dir)}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     argv = [sys.executable, "-m", "appliance", "--config", str(app.config_path), "worker", "--index", "0"]
+    proc = subprocess.Popen(argv, cwd=code or app.base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return Server(name, f"http://127.0.0.1:{settings.worker_port(0)}{url_path}", proc=proc)
+
+
+@contextlib.contextmanager
+def gate_worker() -> Iterator[Server]:
+    """One appliance worker (gate + hosted app on hypercorn) alone: no nginx, no supervisord."""
+    app = new_appliance(1)
     started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=app.base, env={**os.environ, "MCP_APPLIANCE_DATA_DIR": str(settings.data_dir)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = Server("worker with gate", f"http://127.0.0.1:{settings.worker_port(0)}/mcp", proc=proc)
+    server = lone_worker(app, "worker with gate")
+    assert server.proc is not None
     try:
         wait_until(lambda: call_ok(server.url, "list_notes", {}), 60, "gate worker answers", interval=0.05)
         server.cold_start_s = server.all_ready_s = time.monotonic() - started
         seed(server.url)
         yield server
     finally:
-        stop(proc)
+        stop(server.proc)
         shutil.rmtree(app.base, ignore_errors=True)
 
 

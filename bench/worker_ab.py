@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,15 +32,9 @@ from typing import Any
 
 import psutil
 
-from appliance import pool
-from appliance.config import load_settings
-from appliance.gate.services import preflight_gate
-from appliance.lifetime import supervisord_pidfile
-from appliance.preflight import prepare_dirs
-from appliance.state.keys import ensure_ring
 from bench import wrk
-from bench.run import ADD_APP, ADD_CALL, Server, baseline, call_ok, stop
-from tests.harness import new_appliance, to_toml, wait_until
+from bench.run import ADD_APP, ADD_CALL, Server, baseline, call_ok, lone_worker, stop
+from tests.harness import new_appliance, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What nginx adds to each proxied request (conf/nginx.conf.j2) for a client on the host itself.
@@ -71,17 +63,9 @@ def worker(name: str, code: Path, overrides: dict[str, Any]) -> Iterator[Server]
     as its supervisord (the worker exits at once when its parent is not the one in supervisord.pid)."""
     overrides = {**overrides, "mcp": {**overrides.get("mcp", {}), "app": ADD_APP}}
     app = new_appliance(1, **overrides)
-    app.config_path.write_text(to_toml(app.settings))
-    settings = load_settings(app.config_path, {})
-    prepare_dirs(settings, as_root=False)
-    preflight_gate(settings, as_root=False)
-    pool.prepare(settings.run_dir, [0])
-    ensure_ring(settings, as_root=False)
-    supervisord_pidfile(settings.run_dir).write_text(str(os.getpid()))
-    env = {**os.environ, "PYTHONPATH": str(code), "MCP_APPLIANCE_DATA_DIR": str(settings.data_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "--config", str(app.config_path), "worker",
-                             "--index", "0"], cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = Server(name, f"http://127.0.0.1:{settings.worker_port(0)}/mcp", proc=proc)
+    server = lone_worker(app, name, code=code)
+    proc = server.proc
+    assert proc is not None
     server.tool, server.arguments = ADD_CALL[0], dict(ADD_CALL[1])
     try:
         wait_until(lambda: call_ok(server.url, server.tool, server.arguments), 60, f"{name} answers", interval=0.05)

@@ -17,7 +17,7 @@ import pytest
 from tests import third_party
 from tests.harness import http, wait_until
 from tests.integration.bridgekit import Host, alive, commands, guards, hosted
-from tests.integration.clients import LEGACY_VERSION, MODERN_VERSION, mcp_client
+from tests.integration.clients import LEGACY_VERSION, MODERN_VERSION, eventually, mcp_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -56,7 +56,7 @@ async def test_session_isolation_keeps_two_sessions_state_apart(everything_per_s
         await alice.call_tool("toggle-simulated-logging", {})
         assert len(commands(everything_per_session.proc.pid)) >= 2, "each session runs a child of its own"
         # The child's log messages reach its session (it sends one every 5 s).
-        await eventually_true(lambda: logs, "a log message from alice's child", timeout=15)
+        await eventually(lambda: logs, 15, "a log message from alice's child", interval=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ async def test_killed_session_child_ends_only_its_session_and_a_new_one_is_back_
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(modern_load, stop)
-            await eventually_true(lambda: modern_calls > 0, "2026-07-28 calls under way")
+            await eventually(lambda: modern_calls > 0, 10, "2026-07-28 calls under way", interval=0.02)
             os.kill(victim_pid, signal.SIGKILL)
             killed_at = time.monotonic()
 
@@ -114,13 +114,6 @@ async def test_killed_session_child_ends_only_its_session_and_a_new_one_is_back_
             stop.set()
     assert not failures, failures
     assert back_after < 2.0, f"a new session had its child {back_after:.2f}s after the kill"
-
-
-async def eventually_true(predicate: object, message: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, message
-        await anyio.sleep(0.02)
 
 
 async def test_sessions_beyond_max_children_get_503_with_a_jsonrpc_error(tiny: Host) -> None:
@@ -148,7 +141,8 @@ async def test_sessions_beyond_max_children_get_503_with_a_jsonrpc_error(tiny: H
                 await client.delete(tiny.url, headers={**LEGACY_HEADERS, "Mcp-Session-Id": sid})
         # Room again once sessions end: their children end with them.
         # (a child counts until it has exited, guard and all: bridge_status() counts what the bound counts)
-        await eventually_true(lambda: tiny.status()["test"]["children"] <= 1, "the closed sessions' children ended")
+        await eventually(lambda: tiny.status()["test"]["children"] <= 1, 10, "the closed sessions' children ended",
+                         interval=0.02)
         response = await client.post(tiny.url, json=INITIALIZE, headers=LEGACY_HEADERS)
         assert response.status_code == 200
         await client.delete(tiny.url, headers={**LEGACY_HEADERS, "Mcp-Session-Id": response.headers["mcp-session-id"]})
@@ -210,10 +204,10 @@ async def test_thousand_session_cycles_leave_no_process_and_flat_rss() -> None:
         with anyio.fail_after(400):  # a bound, not a speed test: ~150 s on a busy 2-core host
             async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
                 await cycles(104, client)  # warm-up: imports, caches, the allocator's arenas
-                await eventually_true(lambda: not guards(host.proc.pid), "warm-up children ended", 15)
+                await eventually(lambda: not guards(host.proc.pid), 15, "warm-up children ended", interval=0.02)
                 rss_before = host_process.memory_info().rss
                 await cycles(1000, client)
-        await eventually_true(lambda: not guards(host.proc.pid), "every session's child ended", 15)
+        await eventually(lambda: not guards(host.proc.pid), 15, "every session's child ended", interval=0.02)
         rss_after = host_process.memory_info().rss
         leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])]
         assert leftovers == [], f"processes left behind: {leftovers}"
@@ -230,18 +224,19 @@ async def test_an_idle_session_child_ends_with_the_session_idle_timeout() -> Non
             called = await client.post(host.url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                                                        "params": {"name": "ping", "arguments": {}}}, headers=headers)
             pid = int(called.json()["result"]["content"][0]["text"].split()[1])
-            await eventually_true(lambda: not alive(pid), "the idle session's child ended", timeout=10)
+            await eventually(lambda: not alive(pid), 10, "the idle session's child ended", interval=0.02)
             gone = await client.post(host.url, json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
                                      headers=headers)
             assert gone.status_code == 404
-            await eventually_true(lambda: not guards(host.proc.pid), "its guard ended too", timeout=5)
+            await eventually(lambda: not guards(host.proc.pid), 5, "its guard ended too", interval=0.02)
 
 
 async def test_a_cancelled_call_is_cancelled_at_the_child(tiny: Host) -> None:
     async with mcp_client(tiny.url, "legacy") as (client, _):
         with anyio.move_on_after(1.0):
             await client.call_tool("hang", {})
-        await eventually_true(lambda: "tiny: cancelled request" in tiny.log, "the child got notifications/cancelled")
+        await eventually(lambda: "tiny: cancelled request" in tiny.log, 10, "the child got notifications/cancelled",
+                         interval=0.02)
         assert not (await client.call_tool("ping", {})).is_error, "the session goes on after the cancellation"
 
 
@@ -256,7 +251,7 @@ async def test_a_list_change_of_the_child_reaches_its_legacy_session(tiny: Host)
         with anyio.fail_after(30):
             await wire.get_stream_opened.wait()
         await client.call_tool("change", {})
-        await eventually_true(lambda: changes, "notifications/tools/list_changed from the child")
+        await eventually(lambda: changes, 10, "notifications/tools/list_changed from the child", interval=0.02)
 
 
 async def test_a_list_change_of_the_child_reaches_a_2026_listener() -> None:
