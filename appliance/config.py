@@ -383,6 +383,12 @@ class ServerSettings:
     policy_rules: tuple[str, ...] | None = None
     #: What a call to this server that no rule matches gets ("allow" or "deny"); absent: policy.default.
     policy_default: Literal["allow", "deny"] | None = None
+    #: Requests per second one principal (auth.mode "none": one client address) may send to this server,
+    #: a budget of its own, apart from the other servers'; 0: no limit here. Absent: limits.rate, one
+    #: budget shared with every server that has no rate of its own.
+    rate: int | None = None
+    #: Requests above this server's rate accepted at once before 429; absent: limits.burst.
+    burst: int | None = None
 
     @property
     def kind(self) -> Literal["app", "command"]:
@@ -406,6 +412,8 @@ SERVER_INHERITS: Mapping[str, str] = {
     "policy_rules": "policy.rules",
     "policy_default": "policy.default",
     "cwd": "data_dir",
+    "rate": "limits.rate (one budget shared with the other servers that have no rate)",
+    "burst": "limits.burst",
 }
 #: Keys that only a command server takes.
 COMMAND_ONLY = ("env", "env_files", "cwd", "isolation", "max_children")
@@ -969,6 +977,9 @@ def _validate_servers(settings: Settings, need: typing.Callable[[bool, str, Any,
              "1 to 4096 children")
         if server.policy_rules is not None:
             _check_rules(server.policy_rules, server_key(server, "policy_rules"), need)
+        for key in ("rate", "burst"):
+            value = getattr(server, key)
+            need(value is None or value >= 0, server_key(server, key), value, "an integer >= 0")
 
 
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")

@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True, help="where the notes server keeps its database")
     parser.add_argument("--stateless", action="store_true", help="legacy era without sessions")
     parser.add_argument("--gc-freeze", action="store_true",
-                        help="call gc.freeze() once the app is built, as the appliance's workers do")
+                        help="the appliance workers' garbage-collector treatment: gc.freeze() once the app is built, "
+                             "then their thresholds (appliance.worker.GC_THRESHOLDS)")
     parser.add_argument("--app", default="appliance.servers.notes:server", help="module:attribute of an MCPServer")
     parser.add_argument("--json", action="store_true", help="answer POSTs with one JSON body (json_response=True)")
     parser.add_argument("--workers", type=int, default=1,
@@ -55,8 +56,11 @@ def main() -> None:
         stateless_http=args.stateless,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
-    if args.gc_freeze:
+    if args.gc_freeze:  # like for like with the workers (appliance/worker.py)
+        from appliance.worker import GC_THRESHOLDS
+
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
     config = Config()
     config.bind = [f"127.0.0.1:{args.port}"]
     config.accesslog = None

@@ -46,7 +46,7 @@ RATIOS = [
      "bare-json/modern", 1.7),
     ("json-sessions", "calls in legacy sessions, JSON on both sides: appliance N / bare process", "app-json/sessions",
      "bare-json/sessions", 1.7),
-    ("json-frozen", "2026-07-28, JSON: appliance N / bare process with gc.freeze()", "app-json/modern",
+    ("json-frozen", "2026-07-28, JSON: appliance N / bare process with gc.freeze() + thresholds", "app-json/modern",
      "frozen-json/modern", 1.5),
     ("json-hw2", "2026-07-28, JSON: appliance N / `hypercorn -w 2` of the same app", "app-json/modern",
      "hw2-json/modern", 0.85),
@@ -62,7 +62,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     n = args.workers
     with contextlib.ExitStack() as stack:
         bare = stack.enter_context(baseline("bare, JSON", app=ADD_APP, json_response=True))
-        frozen = stack.enter_context(baseline("bare, JSON, gc.freeze()", app=ADD_APP, json_response=True,
+        frozen = stack.enter_context(baseline("bare, JSON, gc.freeze() + thresholds", app=ADD_APP, json_response=True,
                                               gc_freeze=True))
         sse = stack.enter_context(baseline("bare, SDK defaults (SSE)", app=ADD_APP))
         hw2 = stack.enter_context(baseline("hypercorn -w 2, JSON", app=ADD_APP, json_response=True, workers=2))

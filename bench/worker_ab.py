@@ -37,10 +37,6 @@ from bench.run import ADD_APP, ADD_CALL, Server, baseline, call_ok, lone_worker,
 from tests.harness import new_appliance, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-#: What nginx adds to each proxied request (conf/nginx.conf.j2) for a client on the host itself.
-FROM_NGINX = {"X-Real-IP": "127.0.0.1", "X-Appliance-Limit-Exempt": "1", "X-Forwarded-For": "127.0.0.1",
-              "X-Forwarded-Proto": "http", "X-Request-ID": "0123456789abcdef0123456789abcdef"}
-
 
 @contextlib.contextmanager
 def code_at(ref: str) -> Iterator[Path]:
@@ -77,7 +73,7 @@ def worker(name: str, code: Path, overrides: dict[str, Any]) -> Iterator[Server]
 
 def cpu_per_call(server: Server, seconds: int, connections: int) -> tuple[float, float]:
     """(CPU µs per call of the server's process, calls/s) over one wrk round (after a 1 s warm-up)."""
-    headers = {} if server.name == "bare" else FROM_NGINX
+    headers = server.headers
     wrk.run(server.url, "modern", 1, connections, server.tool, server.arguments, headers=headers)
     assert server.proc is not None
     process = psutil.Process(server.proc.pid)

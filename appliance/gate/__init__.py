@@ -61,6 +61,8 @@ def _server_gate(app: ASGIApp, server: ServerSettings, settings: Settings, index
     mcp = settings.mcp
     # Without verified credentials, a caller is known only by its address.
     by_address = settings.auth.mode == "none"
+    # A server with a rate of its own counts its calls apart from limits.rate's shared budget.
+    buckets = s.buckets_for(server.name, buckets)
     layers = [
         # Records every request from here on: audit line and metrics, once it is answered.
         outcome := lambda a: Outcome(a, s.sinks(index, settings.audit.raw_arguments, server.name)),

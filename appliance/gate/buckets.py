@@ -43,9 +43,9 @@ class BucketsUnavailable(Exception):
     """The shared table cannot be used (the file is missing, of another layout or unwritable)."""
 
 
-def buckets_path(run_dir: Path) -> Path:
-    """The shared table of worker-side rate limits."""
-    return run_dir / "limits.buckets"
+def buckets_path(run_dir: Path, server: str | None = None) -> Path:
+    """The shared table of worker-side rate limits: limits.rate's, or that of a server with a rate of its own."""
+    return run_dir / ("limits.buckets" if server is None else f"limits-{server}.buckets")
 
 
 class SharedBuckets:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from appliance import keys
 from appliance.conditions import PROCESS_CONDITIONS
-from appliance.config import DEFAULT_SERVER, ConfigError, Settings, audit_refuses
+from appliance.config import DEFAULT_SERVER, ConfigError, ServerSettings, Settings, audit_refuses, server_key
 from appliance.gate.audit import AuditRecorder, AuditWriter, audit_dir
 from appliance.gate.auth import Authenticator, load_authenticator
 from appliance.gate.buckets import BucketsUnavailable, SharedBuckets, buckets_path
@@ -36,6 +36,8 @@ class GateServices:
     buckets: SharedBuckets | None = None
     #: Each hosted server's policy by server name (its policy_rules, or [policy]); `policy` for others.
     policies: dict[str, Policy] = field(default_factory=dict)
+    #: The rate table of each server with a `rate` of its own (None: that rate is 0, no limit).
+    server_buckets: dict[str, SharedBuckets | None] = field(default_factory=dict)
 
     def sinks(self, index: int, raw_arguments: bool, server: str = DEFAULT_SERVER) -> list[Sink]:
         """Where a finished request to `server` goes: the audit trail (when on), then the metrics."""
@@ -48,6 +50,10 @@ class GateServices:
     def policy_for(self, server: str) -> Policy:
         """The policy of the hosted server named `server`."""
         return self.policies.get(server, self.policy)
+
+    def buckets_for(self, server: str, shared: SharedBuckets | None) -> SharedBuckets | None:
+        """The rate table of the hosted server named `server`: its own, or `shared` (limits.rate's)."""
+        return self.server_buckets[server] if server in self.server_buckets else shared
 
 
 def gate_services(settings: Settings, index: int) -> GateServices:
@@ -69,18 +75,24 @@ def gate_services(settings: Settings, index: int) -> GateServices:
         audit=audit,
         buckets=open_buckets(settings),
         policies=policies,
+        server_buckets={server.name: open_buckets(settings, server) for server in settings.servers
+                        if server.rate is not None},
     )
 
 
-def open_buckets(settings: Settings) -> SharedBuckets | None:
-    """The workers' shared rate table under run_dir (None when limits.rate is 0); ConfigError when unusable."""
+def open_buckets(settings: Settings, server: ServerSettings | None = None) -> SharedBuckets | None:
+    """The workers' shared rate table under run_dir, limits.rate's or (`server`) that server's own
+    (None when the rate is 0); ConfigError when unusable."""
     lim = settings.limits
-    if not lim.rate:
+    rate, burst, key = lim.rate, lim.burst, "limits.rate"
+    if server is not None and server.rate is not None:
+        rate, burst, key = server.rate, lim.burst if server.burst is None else server.burst, server_key(server, "rate")
+    if not rate:
         return None
     try:
-        return SharedBuckets(buckets_path(settings.run_dir), lim.rate, lim.burst, lim.zone_mb)
+        return SharedBuckets(buckets_path(settings.run_dir, server.name if server else None), rate, burst, lim.zone_mb)
     except BucketsUnavailable as exc:
-        raise ConfigError(f"'limits.rate' = {lim.rate}: the shared rate table cannot be used: {exc}") from None
+        raise ConfigError(f"'{key}' = {rate}: the shared rate table cannot be used: {exc}") from None
 
 
 def check_gate(settings: Settings) -> None:

@@ -269,3 +269,30 @@ def test_health_shows_the_stdio_servers_children(with_stdio: Appliance) -> None:
     for worker in ("0", "1"):
         assert everything["workers"][worker]["isolation"] == "shared"
         assert everything["workers"][worker]["up"] is True
+
+
+def test_a_server_with_a_rate_of_its_own_limits_calls_to_it_and_no_other() -> None:
+    # calc: 1 call/s per principal and a burst of 2, a budget of its own; the notes server keeps limits.rate's.
+    # Nothing exempt: the test's client on loopback is held to the limits like any other.
+    app = new_appliance(2, env={"PYTHONPATH": str(REPO)}, auth={"mode": "api_keys"}, limits={"exempt": []},
+                        servers={"calc": {"app": "tests.integration.calc_server:server", "json_response": True,
+                                          "rate": 1, "burst": 2}})
+    try:
+        app.settings["auth"]["keys_file"] = str(app.base / "keys.json")
+        write_config(app)
+        first, second = add_key(app, "first", "notes:write"), add_key(app, "second", "notes:write")
+        app.start()
+        app.wait_healthy(timeout=60, workers=2)
+        calc = [modern_call(app, CALC_PATH, first, "add", {"a": 1, "b": k}) for k in range(8)]
+        notes = [modern_call(app, "/mcp", first, "search_notes", {"query": "rate"}) for _ in range(8)]
+        other = modern_call(app, CALC_PATH, second, "add", {"a": 2, "b": 2})
+        limited = [doc for status, doc in calc if status == 429]
+        # The bucket holds burst + 1 = 3 calls; 8 calls in well under the seconds that would refill it.
+        assert 3 <= len(calc) - len(limited) <= 5, [status for status, _ in calc]
+        assert all("Too many requests" in doc["error"]["message"] for doc in limited), limited
+        assert [status for status, _ in notes] == [200] * 8, "calls to calc used the notes server's budget"
+        assert other[0] == 200, "one principal's calls to calc used another's budget"
+        records = [r for r in audit_records(app) if r.get("server") == "calc" and r.get("reason") == "rate_limited"]
+        assert len(records) == len(limited)
+    finally:
+        cleanup(app)

@@ -454,7 +454,9 @@ def test_a_server_policy_falls_back_to_the_policy_section_key_by_key(tmp_path: P
      ({"calc": {**CALC, "policy_rules": ["add needs calc:use"]}}, r"'servers.calc.policy_rules\[0\]'"),
      ({"calc": {**CALC, "policy_default": "maybe"}}, "'servers.calc.policy_default'"),
      ({"calc": {"app": "appliance.servers.notes:server"}}, "'servers.calc.app'"),
-     ({"calc": {"app": "no colon"}}, "'servers.calc.app'")],
+     ({"calc": {"app": "no colon"}}, "'servers.calc.app'"),
+     ({"calc": {**CALC, "rate": -1}}, "'servers.calc.rate' = -1 is invalid"),
+     ({"calc": {**CALC, "burst": "many"}}, "'servers.calc.burst'")],
 )
 def test_bad_server_tables_name_the_key(tmp_path: Path, servers: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
