@@ -636,7 +636,7 @@ def main() -> int:
                         help="the Markdown report (default bench/RESULTS.md)")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--full", action="store_true",
-                        help="also the whole get_note report (memory, sessions, cold start, faults; ~25 min), which "
+                        help="also the whole get_note report (memory, sessions, cold start, faults; ~15 min), which "
                              "rewrites --out before the add server's section is put back")
     args = parser.parse_args()
     if not shutil.which("wrk"):
