@@ -65,9 +65,14 @@ def _listen(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def nginx_processes(cpus: float) -> int:
+    """nginx's default worker processes for `cpus` CPUs: one per 4, at least one (http.nginx_workers = 0)."""
+    return max(1, math.ceil(cpus / 4))
+
+
 def nginx_workers(settings: Settings) -> int:
-    """How many worker processes nginx runs (http.nginx_workers; 0: one per 4 CPUs, at least one)."""
-    return settings.http.nginx_workers or max(1, math.ceil(cpu_limit() / 4))
+    """How many worker processes nginx runs (http.nginx_workers; 0: nginx_processes of the CPUs it may use)."""
+    return settings.http.nginx_workers or nginx_processes(cpu_limit())
 
 
 def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]:

@@ -35,7 +35,6 @@ import psutil
 
 from bench import wrk
 from tests.harness import free_port_block
-from tests.integration.clients import modern_request
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("raw", "light", "full")
@@ -100,32 +99,11 @@ def gate_cpu(directory: Path, key: str, requests: int = 20000, rounds: int = 3) 
     """
     import asyncio
 
-    answer = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "3"}],
-                                                              "isError": False}}).encode()
+    from bench.gate_layers import call, instant, request
 
-    async def instant(scope: Any, receive: Any, send: Any) -> None:
-        await receive()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
-        await send({"type": "http.response.body", "body": answer})
-
-    headers, body = modern_request("tools/call", TOOL, {"name": TOOL, "arguments": ARGUMENTS})
-    raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    raw_headers += [(b"authorization", f"Bearer {key}".encode()), (b"host", b"127.0.0.1"), (b"x-real-ip", b"127.0.0.1"),
-                    (b"x-appliance-limit-exempt", b"1")]  # as for a loopback client behind nginx
-    scope = {"type": "http", "method": "POST", "path": "/mcp", "raw_path": b"/mcp", "query_string": b""}
-
-    async def one(app: Any) -> None:
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive() -> Any:
-            return pending.pop() if pending else {"type": "http.disconnect"}
-
-        async def send(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                assert message["status"] == 200, message
-
-        await app({**scope, "headers": list(raw_headers)}, receive, send)
+    scope, body = request()
+    scope["headers"] += [(b"authorization", f"Bearer {key}".encode()),
+                         (b"x-appliance-limit-exempt", b"1")]  # as for a loopback client behind nginx
 
     async def run() -> dict[str, float]:
         apps = mounts(instant, directory)
@@ -133,10 +111,10 @@ def gate_cpu(directory: Path, key: str, requests: int = 20000, rounds: int = 3) 
         for _ in range(rounds):
             for name, app in apps.items():
                 for _ in range(500):
-                    await one(app)
+                    await call(app, scope, body)
                 started = time.process_time()
                 for _ in range(requests):
-                    await one(app)
+                    await call(app, scope, body)
                 used = (time.process_time() - started) / requests * 1e6
                 best[name] = min(best.get(name, used), used)
         return best

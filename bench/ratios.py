@@ -15,7 +15,6 @@ Usage (from the repo root; `python -m bench.run` runs it): python -m bench.ratio
 from __future__ import annotations
 
 import argparse
-import math
 import contextlib
 import os
 import statistics
@@ -23,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from appliance.render import nginx_processes
 from bench import wrk
 from bench.run import ADD_APP, ROOT, appliance, baseline, machine, measure_rounds, paired_ratio
 
@@ -135,7 +135,7 @@ def model(m: dict[str, Any], n: int) -> list[str]:
     for cores in CORES:
         busy = admin_cores * cores / n
         total = (cores - busy) * 1e6 / per_call if per_call else 0.0
-        processes = max(1, math.ceil(cores / 4))
+        processes = nginx_processes(cores)
         edge = processes * 1e6 / nginx if nginx > 0.05 else float("inf")
         single = 1e6 / supervisord if supervisord > 0.05 else float("inf")
         first = min((total, "the cores (workers, then nginx)"), (edge, "nginx's processes"),

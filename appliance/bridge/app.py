@@ -324,9 +324,7 @@ class Bridge:
 
     def _own_session(self, child: Child) -> ServerSession | None:
         """A `session` child's one legacy session, when nothing is in flight (its standalone stream)."""
-        if child.in_flight or self.spec.isolation != "session" or len(child.session_ids) != 1:
-            return None
-        return self.peers.get(next(iter(child.session_ids)))
+        return None if child.in_flight else self._sole_session(child)
 
     async def _ask(self, child: Child, method: str, params: Any) -> Any:
         """A request from the child (sampling, elicitation, roots) to the client it serves.

@@ -3,7 +3,7 @@
 Seven values change per tools/call (three counters, two histograms of two values each).
 prometheus-client's multiprocess value takes a lock and calls getpid() (a syscall, to
 notice a fork) on every change; a worker never forks and changes its metrics on the
-event loop's thread only, so `_Bump` writes the new value straight into the same mmap
+event loop's thread only, so `_bump` writes the new value straight into the same mmap
 slot: the file holds every count the moment the request is recorded, as before.
 """
 

@@ -91,17 +91,17 @@ def test_npx_and_uvx_answer_as_the_service_user_with_the_workers_environment(wor
     assert worker.run("sh", "-c", "command -v uvx").stdout.strip() == str(Path(sys.executable).parent / "uvx")
 
 
-def test_npx_installs_and_runs_a_package_from_its_cache_under_the_data_dir(worker: Worker) -> None:
-    result = worker.run(*npx_argv(str(npm_tarball(worker.base))))
+def _runs_and_caches(worker: Worker, argv: list[str], cache: Path) -> None:
+    """`argv` prints the package's marker as the service user, leaving its cache in `cache`, owned by that user."""
+    result = worker.run(*argv)
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert result.stdout.strip() == MARKER
-    npx_dir = worker.settings.data_dir / ".npm" / "_npx"
-    assert npx_dir.is_dir() and _owned_by_service_user(npx_dir)
+    assert cache.is_dir() and _owned_by_service_user(cache)
+
+
+def test_npx_installs_and_runs_a_package_from_its_cache_under_the_data_dir(worker: Worker) -> None:
+    _runs_and_caches(worker, npx_argv(str(npm_tarball(worker.base))), worker.settings.data_dir / ".npm" / "_npx")
 
 
 def test_uvx_installs_and_runs_a_wheel_from_its_cache_under_the_data_dir(worker: Worker) -> None:
-    result = worker.run(*uvx_argv(str(wheel(worker.base))))
-    assert result.returncode == 0, (result.stdout, result.stderr)
-    assert result.stdout.strip() == MARKER
-    cache = worker.settings.data_dir / ".cache" / "uv"
-    assert cache.is_dir() and _owned_by_service_user(cache)
+    _runs_and_caches(worker, uvx_argv(str(wheel(worker.base))), worker.settings.data_dir / ".cache" / "uv")
