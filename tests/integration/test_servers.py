@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from tests.harness import Appliance, cleanup, http, new_appliance, running, to_toml, wait_until
@@ -196,6 +197,12 @@ def test_each_server_answers_in_its_own_mode(hosted: Any) -> None:
     assert types == {CALC_PATH: "application/json", "/mcp": "text/event-stream"}
 
 
+def nginx_workers(app: Appliance) -> list[int]:
+    """The pids of nginx's worker processes (children of its master)."""
+    master = psutil.Process(int((app.run_dir / "nginx.pid").read_text()))
+    return [p.pid for p in master.children() if "worker process" in " ".join(p.cmdline())]
+
+
 @pytest.mark.anyio
 async def test_a_server_added_to_the_config_is_served_after_reload() -> None:
     with running(new_appliance(2, env={"PYTHONPATH": str(REPO)})) as app:
@@ -204,9 +211,12 @@ async def test_a_server_added_to_the_config_is_served_after_reload() -> None:
         assert status == 404
         app.settings["servers"] = {"calc": {"app": "tests.integration.calc_server:server"}}
         app.config_path.write_text(to_toml(app.settings))
+        old_nginx = set(nginx_workers(app))
         result = await anyio.to_thread.run_sync(lambda: app.command("reload", timeout=300))
         assert result.returncode == 0, result.stdout + result.stderr
-        # nginx takes its new configuration on HUP, in new worker processes a moment later.
+        # nginx takes its new configuration on HUP, in new worker processes a moment later; until the
+        # old ones have exited, a new connection may still reach one of them (and its 404).
+        await eventually(lambda: not old_nginx & set(nginx_workers(app)), 30, "nginx's old worker processes gone")
         await eventually(lambda: http("POST", app.url + CALC_PATH, body, headers)[0] == 200, 30,
                          "nginx routing the new server's path")
         async with mcp_client(calc_url(app), MODERN_VERSION) as (calc, _):
