@@ -389,11 +389,24 @@ class ServerSettings:
     rate: int | None = None
     #: Requests above this server's rate accepted at once before 429; absent: limits.burst.
     burst: int | None = None
+    #: Open legacy sessions with this server per worker; beyond it a new session to it gets 503.
+    max_sessions: int | None = None
+    #: Open legacy sessions with this server per worker that one principal (auth.mode "none": one client
+    #: address) may hold; beyond it 429 (limits.exempt clients are not held to it).
+    max_sessions_per_principal: int | None = None
+    #: How many of the appliance's workers host this server: workers 0 up to this number (all of them while
+    #: workers.count is lower). Only they run it (and its children) and get its calls; while none of them
+    #: runs (with 1: while worker 0 restarts) its calls get 503, safe to retry.
+    workers: int | None = None
 
     @property
     def kind(self) -> Literal["app", "command"]:
         """How the server is hosted: an imported Python app, or a stdio command."""
         return "command" if self.command else "app"
+
+    def hosted_by(self, index: int) -> bool:
+        """Whether worker `index` hosts this server (see `workers`)."""
+        return self.workers is None or index < self.workers
 
     def policy(self, shared: PolicySettings) -> PolicySettings:
         """This server's policy: its own rules and default where set, the [policy] section's otherwise."""
@@ -414,6 +427,9 @@ SERVER_INHERITS: Mapping[str, str] = {
     "cwd": "data_dir",
     "rate": "limits.rate (one budget shared with the other servers that have no rate)",
     "burst": "limits.burst",
+    "workers": "every worker (workers.count)",
+    "max_sessions": "no cap of its own (mcp.max_sessions holds across every server)",
+    "max_sessions_per_principal": "no cap of its own (mcp.max_sessions_per_principal holds across every server)",
 }
 #: Keys that only a command server takes.
 COMMAND_ONLY = ("env", "env_files", "cwd", "isolation", "max_children")
@@ -499,6 +515,11 @@ class Settings:
         default = ServerSettings(name=DEFAULT_SERVER, path=m.path, app=m.app, json_response=m.json_response,
                                  sessions=m.sessions)
         return (default, *self.servers)
+
+    @property
+    def own_pools(self) -> dict[str, int]:
+        """The servers hosted by some workers only, with nginx pools of their own: name -> worker count."""
+        return {server.name: server.workers for server in self.servers if server.workers is not None}
 
     @property
     def state_keys_path(self) -> Path:
@@ -927,9 +948,14 @@ def _check_rules(rules: tuple[str, ...], key: str, need: typing.Callable[[bool, 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def server_table(server: ServerSettings) -> str:
+    """The table of a server's settings as the operator wrote it: "mcp" for the default server."""
+    return "mcp" if server.name == DEFAULT_SERVER else f"servers.{server.name}"
+
+
 def server_key(server: ServerSettings, key: str) -> str:
     """The dotted key of a server's setting as the operator wrote it (the default server's is under [mcp])."""
-    return f"mcp.{key}" if server.name == DEFAULT_SERVER else f"servers.{server.name}.{key}"
+    return f"{server_table(server)}.{key}"
 
 
 def _under(path: str, other: str) -> bool:
@@ -954,7 +980,7 @@ def _validate_servers(settings: Settings, need: typing.Callable[[bool, str, Any,
                 raise ConfigError(f"{settings.source}: '{key}' = {p!r} is invalid: '{other_key}' = {other!r} is "
                                   "already there (each server needs a path of its own, not under another's)")
         seen[p] = key
-        where = "mcp" if server.name == DEFAULT_SERVER else f"servers.{server.name}"
+        where = server_table(server)
         if bool(server.app) == bool(server.command):
             raise ConfigError(f"{settings.source}: '[{where}]' needs exactly one of '{where}.app' (a Python server, "
                               f"'module:attribute') and '{where}.command' (a stdio program), "
@@ -980,6 +1006,11 @@ def _validate_servers(settings: Settings, need: typing.Callable[[bool, str, Any,
         for key in ("rate", "burst"):
             value = getattr(server, key)
             need(value is None or value >= 0, server_key(server, key), value, "an integer >= 0")
+        for key in ("max_sessions", "max_sessions_per_principal"):
+            value = getattr(server, key)
+            need(value is None or value >= 1, server_key(server, key), value, "an integer >= 1")
+        need(server.workers is None or 1 <= server.workers <= 64, server_key(server, "workers"), server.workers,
+             "1 to 64 workers (as workers.count)")
 
 
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")

@@ -147,8 +147,9 @@ class HealthChecker:
 
 
 def servers_health(settings: Settings, probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every hosted server with its state in each answering worker (they all host every server):
-    "ok" when every one of them says ok, else the first other state; "unknown" when none answered."""
+    """Every hosted server with its state in each answering worker that hosts it (all of them, or its
+    first `workers`): "ok" when every one of them says ok, else the first other state; "unknown" when
+    none answered."""
     out = []
     for server in settings.hosted_servers:
         per_worker = {}

@@ -40,9 +40,12 @@ KNOWN_METHODS = frozenset({
 #: One metric for every refusal by a limit, whichever process refused (nginx's through the admin app).
 LIMITED_HELP = ("Requests refused by a limit, by limit: request and connection (nginx, per client address), "
                 "principal and client (the workers' shared rate per verified principal, or per address without one), "
-                "principal_sessions and sessions (legacy session caps), limiter_error (the shared table unusable)")
+                "principal_sessions and sessions (legacy session caps), server_principal_sessions and "
+                "server_sessions (a [servers.<name>] table's own session caps), limiter_error (the shared table "
+                "unusable)")
 #: The workers' limits, all exported from the start.
-GATE_LIMITS = ("principal", "client", "principal_sessions", "sessions", "limiter_error")
+GATE_LIMITS = ("principal", "client", "principal_sessions", "sessions", "server_principal_sessions",
+               "server_sessions", "limiter_error")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Distinct tool label values one process reports before it folds the rest into "other".
 MAX_TOOL_LABELS = 200

@@ -105,7 +105,7 @@ def prepare_run(settings: Settings, ctx: RenderContext, config_path: Path, as_ro
     if as_root:
         entry = pwd.getpwnam(settings.user)
         owner = (entry.pw_uid, entry.pw_gid)
-    pool.prepare(settings.run_dir, range(settings.workers.count), owner)
+    pool.prepare(settings.run_dir, range(settings.workers.count), owner, settings.own_pools)
     count = settings.workers.count
     write_state(settings.run_dir, RuntimeState(
         config_path=str(config_path.resolve()), render_context=dataclasses.asdict(ctx),
@@ -206,6 +206,8 @@ class Operator:
             for program in sorted({"nginx", "admin"} & set(changed)):
                 self._note(f"warning: {program}'s program settings (e.g. log rotation) changed; "
                            "they apply at the next restart")
+            # The pools of servers with a worker count, before nginx may use a new one.
+            pool.limit_servers(self.run_dir, live.own_pools)
             if nginx_changed:
                 write_files({"nginx.conf": files["nginx.conf"]}, self.run_dir)
                 self.supervisor.signal("nginx", "HUP")

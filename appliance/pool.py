@@ -17,6 +17,9 @@ serve (`assign`); the watchdog (appliance/watchdog.py) says which of them do not
 (`set_unresponsive`). The slots point at the first minus the second, or at the first alone
 when none of them answers (an empty pool helps nobody). Both sides write under one lock
 file and keep their halves in `<run_dir>/pool/state.json`, so neither undoes the other.
+
+A server hosted by some workers only ([servers.<name>] workers = K) has a pool of its own,
+`<run_dir>/pool/<name>/slot-JJ.sock`: the same choice, among workers 0 to K-1.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 #: Servers in nginx's pool. More slots than workers spread the load evenly over any worker
 #: count up to 64 (the most `workers.count` allows): worker shares differ by at most one slot.
@@ -69,9 +73,9 @@ def session_socket(run_dir: Path, index: int) -> Path:
     return workers_dir(run_dir) / f"session-{index:02d}.sock"
 
 
-def slot_path(run_dir: Path, slot: int) -> Path:
-    """The path nginx connects to for pool slot `slot`."""
-    return pool_dir(run_dir) / f"slot-{slot:02d}.sock"
+def slot_path(run_dir: Path, slot: int, server: str = "") -> Path:
+    """The path nginx connects to for pool slot `slot` (of the pool of `server`, one with a worker count)."""
+    return (pool_dir(run_dir) / server if server else pool_dir(run_dir)) / f"slot-{slot:02d}.sock"
 
 
 def spread(workers: Sequence[int]) -> list[int]:
@@ -87,7 +91,7 @@ LOCK_FILE = "pool.lock"
 
 
 @contextlib.contextmanager
-def _locked(run_dir: Path) -> Iterator[dict[str, list[int]]]:
+def _locked(run_dir: Path) -> Iterator[dict[str, Any]]:
     """The pool's state under its lock; what the block leaves in it is written back and applied."""
     directory = pool_dir(run_dir)
     fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
@@ -99,19 +103,27 @@ def _locked(run_dir: Path) -> Iterator[dict[str, list[int]]]:
         tmp.write_text(json.dumps(state, sort_keys=True) + "\n")
         tmp.chmod(0o644)
         os.replace(tmp, directory / STATE_FILE)
-        unresponsive = set(state["unresponsive"])
-        _point(run_dir, [k for k in state["serving"] if k not in unresponsive] or state["serving"])
+        serving, unresponsive = state["serving"], set(state["unresponsive"])
+        answering = [k for k in serving if k not in unresponsive]
+        _point(run_dir, answering or serving)
+        for server, count in state["servers"].items():
+            # Its own workers that serve and answer; else those that serve; else all of its own (each
+            # restarting: nginx's tries fail, and the client gets 503, safe to retry).
+            _point(run_dir, [k for k in answering if k < count] or [k for k in serving if k < count]
+                   or range(count), server)
     finally:
         os.close(fd)
 
 
-def read_state(run_dir: Path) -> dict[str, list[int]]:
-    """{"serving": what operations want in the pool, "unresponsive": what the watchdog took out}."""
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """{"serving": what operations want in the pool, "unresponsive": what the watchdog took out,
+    "servers": {name: worker count} of the servers with pools of their own}."""
     try:
         data = json.loads((pool_dir(run_dir) / STATE_FILE).read_text())
     except (FileNotFoundError, ValueError):
         data = {}
-    return {"serving": sorted(data.get("serving", [])), "unresponsive": sorted(data.get("unresponsive", []))}
+    return {"serving": sorted(data.get("serving", [])), "unresponsive": sorted(data.get("unresponsive", [])),
+            "servers": dict(data.get("servers", {}))}
 
 
 def assign(run_dir: Path, workers: Iterable[int]) -> None:
@@ -122,18 +134,29 @@ def assign(run_dir: Path, workers: Iterable[int]) -> None:
         state["serving"] = chosen
 
 
+def limit_servers(run_dir: Path, counts: Mapping[str, int], owner: tuple[int, int] | None = None) -> None:
+    """The servers hosted by their first `count` workers only ({name: count}): each gets its pool's slots."""
+    for server in counts:
+        directory = pool_dir(run_dir) / server
+        directory.mkdir(exist_ok=True)
+        if owner:
+            os.chown(directory, *owner)
+    with _locked(run_dir) as state:
+        state["servers"] = dict(sorted(counts.items()))
+
+
 def set_unresponsive(run_dir: Path, workers: Iterable[int]) -> None:
     """The workers that do not answer their probe (the watchdog): out of the slots until they do."""
     with _locked(run_dir) as state:
         state["unresponsive"] = sorted(set(workers))
 
 
-def _point(run_dir: Path, workers: Iterable[int]) -> None:
-    """Point the slots at `workers`; each slot changes atomically (new connections only)."""
-    directory = pool_dir(run_dir)
+def _point(run_dir: Path, workers: Iterable[int], server: str = "") -> None:
+    """Point the slots (of `server`'s pool) at `workers`; each slot changes atomically (new connections only)."""
+    directory = slot_path(run_dir, 0, server).parent
     for slot, worker in enumerate(spread(list(workers))):
         target = os.path.relpath(worker_socket(run_dir, worker), directory)
-        link = slot_path(run_dir, slot)
+        link = slot_path(run_dir, slot, server)
         try:
             if os.readlink(link) == target:
                 continue
@@ -158,8 +181,10 @@ def members(run_dir: Path) -> set[int]:
     return found
 
 
-def prepare(run_dir: Path, workers: Iterable[int], owner: tuple[int, int] | None = None) -> None:
-    """Create the socket and slot directories (owned by `owner` uid/gid) and point the slots."""
+def prepare(run_dir: Path, workers: Iterable[int], owner: tuple[int, int] | None = None,
+            servers: Mapping[str, int] | None = None) -> None:
+    """Create the socket and slot directories (owned by `owner` uid/gid) and point the slots
+    (`servers`: those with pools of their own, see `limit_servers`)."""
     for directory in (workers_dir(run_dir), pool_dir(run_dir)):
         directory.mkdir(parents=True, exist_ok=True)
         if owner:
@@ -167,3 +192,4 @@ def prepare(run_dir: Path, workers: Iterable[int], owner: tuple[int, int] | None
     # A new start forgets what the last run's watchdog found (run_dir is normally fresh anyway).
     (pool_dir(run_dir) / STATE_FILE).unlink(missing_ok=True)
     assign(run_dir, workers)
+    limit_servers(run_dir, servers or {}, owner)

@@ -129,8 +129,14 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "retry_tries": pool.SLOTS,
         "admin_address": f"{settings.admin.host}:{settings.admin.port}",
         "mcp_path": settings.mcp.path,
-        # One exact location per hosted server, the [mcp] one first.
-        "servers": [{"name": server.name, "path": server.path} for server in settings.hosted_servers],
+        # One exact location per hosted server, the [mcp] one first; a server with a worker count
+        # has a pool of its own (appliance/pool.py).
+        "servers": [{"name": server.name, "path": server.path,
+                     "pool": f"mcp_pool_{server.name}" if server.workers is not None else "mcp_pool"}
+                    for server in settings.hosted_servers],
+        "own_pools": [{"upstream": f"mcp_pool_{name}",
+                       "slots": [pool.slot_path(settings.run_dir, j, name) for j in range(pool.SLOTS)]}
+                      for name in settings.own_pools],
         "command": ctx.command,
         "nginx": ctx.nginx,
         "graceful_timeout": settings.workers.graceful_timeout,

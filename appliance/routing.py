@@ -1,9 +1,10 @@
 """One worker, several hosted servers: requests go to the server whose path they are under.
 
-Every worker hosts every configured server (appliance.toml's [mcp] and [servers.<name>]
-tables), each behind a gate of its own; nginx sends each server's path to the same pool of
-workers. The router picks the server by URL path; a path under no server goes to the first
-one (the [mcp] server), as when a worker hosted only it: its app answers 404.
+A worker hosts every configured server (appliance.toml's [mcp] and [servers.<name>]
+tables) but those with a worker count it is not among, each behind a gate of its own; nginx
+sends each server's path to the workers that host it. The router picks the server by URL
+path; a path under no server goes to the first one (the [mcp] server), as when a worker
+hosted only it: its app answers 404.
 
 Hosted apps have lifespans (the SDK's session manager runs in one): the router passes the
 server's lifespan events to every app and reports startup once all of them have started.

@@ -221,7 +221,9 @@ def run_worker(settings: Settings, index: int) -> None:
     if settings.tracing.enabled:  # imported only when on: a worker with tracing off loads no OpenTelemetry SDK
         from appliance.tracing import setup_tracing
         tracing = setup_tracing(settings, f"worker-{index:02d}", index, trace_metrics)
-    hosted = [(server, hosted_app(settings, index, server)) for server in settings.hosted_servers]
+    # A server with a worker count runs in its first workers only; nginx sends its calls to none other.
+    serving = [server for server in settings.hosted_servers if server.hosted_by(index)]
+    hosted = [(server, hosted_app(settings, index, server)) for server in serving]
     stats.servers = [ServerHealth(server.name, server.path, server.kind, app,
                                   partial(bridge_report, server.name) if server.command else None)
                      for server, app in hosted]
@@ -251,7 +253,7 @@ def run_worker(settings: Settings, index: int) -> None:
             logger.info("worker %d stopping: draining %d in-flight requests", index, stats.in_flight)
 
         logger.info("worker %d serving %s on %s", index,
-                    ", ".join(f"{x.name} ({x.app or x.command[0]}) at {x.path}" for x in settings.hosted_servers), config.bind[0])
+                    ", ".join(f"{x.name} ({x.app or x.command[0]}) at {x.path}" for x in serving), config.bind[0])
         await serve(app, config, shutdown_trigger=stopped)  # type: ignore[arg-type]
 
     try:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp
 
-from appliance.config import ServerSettings, Settings, audit_refuses
+from appliance.config import ServerSettings, Settings, audit_refuses, server_table
 from appliance.gate.audit import AuditGuard
 from appliance.gate.buckets import SharedBuckets
 from appliance.gate.auth import Authenticate
@@ -24,7 +24,7 @@ from appliance.gate.limits import BodyLimit, RateLimit
 from appliance.gate.outcome import Outcome
 from appliance.gate.policy import PolicyCheck
 from appliance.gate.probe import HealthProbe
-from appliance.gate.registry import SessionRegistry
+from appliance.gate.registry import ServerCaps, SessionRegistry
 from appliance.gate.requests import RequestContext
 from appliance.gate.services import GateServices, gate_services, open_buckets
 from appliance.gate.sessions import SessionOwnership
@@ -75,7 +75,9 @@ def _server_gate(app: ASGIApp, server: ServerSettings, settings: Settings, index
           if buckets is not None else []),
         # The body is read and parsed once, here, for the session caps, the policy, the audit record and the metrics.
         body := lambda a: JsonRpcBody(a, server.path),
-        lambda a: SessionBinding(a, stats.sessions, by_address, s.metrics.refused, settings.limits.retry_after),
+        lambda a: SessionBinding(a, stats.sessions, by_address, s.metrics.refused, settings.limits.retry_after,
+                                 ServerCaps(server.name, server.max_sessions, server.max_sessions_per_principal),
+                                 server_table(server)),
         lambda a: PolicyCheck(a, s.policy_for(server.name)),
         lambda a: SessionOwnership(a, settings.node.ordinal, index),
     ]

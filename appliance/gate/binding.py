@@ -6,7 +6,8 @@ app, so it records the owner of every session id the app issues (in the worker's
 404, exactly like an expired one. A new session (an `initialize` without a session id)
 is refused while the worker is full (`mcp.max_sessions`: 503) or while its principal
 holds its share (`mcp.max_sessions_per_principal`: 429; not for limits.exempt clients),
-so no caller can take every slot.
+so no caller can take every slot; likewise while the server it is for has its own caps
+full ([servers.<name>] max_sessions: 503, max_sessions_per_principal: 429).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.gate.exchange import exchange, flag
 from appliance.gate.jsonrpc import send_rpc_error
 from appliance.gate.limits import LIMITED, is_exempt, limit_key
-from appliance.gate.registry import SessionRegistry
+from appliance.gate.registry import NO_CAPS, ServerCaps, SessionRegistry
 from appliance.gate.requests import session_id
 from appliance.gate.responses import INVALID_REQUEST
 
@@ -30,9 +31,13 @@ class SessionBinding:
     """Records which principal opened each session; refuses the session to anyone else."""
 
     def __init__(self, app: ASGIApp, registry: SessionRegistry, by_address: bool,
-                 refused: Callable[[str], None], retry_after: int = 1) -> None:
+                 refused: Callable[[str], None], retry_after: int = 1, caps: ServerCaps = NO_CAPS,
+                 where: str = "mcp") -> None:
         self.app = app
         self.registry = registry
+        #: The hosted server's own caps, and its settings' table (named in a refusal).
+        self.caps = caps
+        self.where = where
         self.by_address = by_address
         self.refused = refused
         self.retry_after = [(b"retry-after", str(retry_after).encode())]
@@ -81,7 +86,7 @@ class SessionBinding:
         key = limit_key(ex, self.by_address)
         opens = ex.rpc is not None and ex.rpc.method == "initialize"
         if opens:
-            refusal = self.registry.reserve(key, capped=not is_exempt(scope))
+            refusal = self.registry.reserve(key, capped=not is_exempt(scope), caps=self.caps)
             if refusal is not None:
                 await self._refuse(scope, send, refusal)
                 return
@@ -90,14 +95,14 @@ class SessionBinding:
             if message["type"] == "http.response.start" and message["status"] < 400:
                 issued = next((v for k, v in message.get("headers", []) if k.lower() == SESSION_HEADER), None)
                 if issued is not None:
-                    self.registry.add(issued, identity, key)
+                    self.registry.add(issued, identity, key, self.caps.server)
             await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
         finally:
             if opens:
-                self.registry.release(key)
+                self.registry.release(key, self.caps.server)
 
     async def _refuse(self, scope: Scope, send: Send, refusal: str) -> None:
         ex = exchange(scope)
@@ -105,11 +110,16 @@ class SessionBinding:
         self.refused(refusal)
         ex.denied = refusal + "_limit"
         request_id = ex.rpc.id if ex.rpc else None
-        if refusal == "sessions":
-            # The worker is full for everyone: a server condition, worth retrying elsewhere.
-            await send_rpc_error(send, 503, LIMITED, f"Too many open sessions on this worker (mcp.max_sessions = "
-                                 f"{self.registry.max_sessions}); retry later", request_id, headers=self.retry_after)
+        if refusal in ("sessions", "server_sessions"):
+            # Full for everyone: a server condition, worth retrying elsewhere.
+            cap = (f"mcp.max_sessions = {self.registry.max_sessions}" if refusal == "sessions"
+                   else f"{self.where}.max_sessions = {self.caps.max_sessions}")
+            whose = "" if refusal == "sessions" else f" with server {self.caps.server!r}"
+            await send_rpc_error(send, 503, LIMITED, f"Too many open sessions{whose} on this worker ({cap}); retry later",
+                                 request_id, headers=self.retry_after)
             return
-        await send_rpc_error(send, 429, LIMITED, f"Too many open sessions for this caller (at most "
-                             f"{self.registry.max_per_key} per worker): close one (DELETE) or let an idle one expire",
-                             request_id, headers=self.retry_after)
+        at_most = (f"at most {self.registry.max_per_key} per worker" if refusal == "principal_sessions"
+                   else f"at most {self.caps.max_per_key} with server {self.caps.server!r} per worker, "
+                   f"{self.where}.max_sessions_per_principal")
+        await send_rpc_error(send, 429, LIMITED, f"Too many open sessions for this caller ({at_most}): close one "
+                             "(DELETE) or let an idle one expire", request_id, headers=self.retry_after)

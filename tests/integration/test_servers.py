@@ -306,3 +306,102 @@ def test_a_server_with_a_rate_of_its_own_limits_calls_to_it_and_no_other() -> No
         assert len(records) == len(limited)
     finally:
         cleanup(app)
+
+
+def test_a_server_with_session_caps_of_its_own_refuses_beyond_them_and_no_other_server() -> None:
+    # calc: 2 legacy sessions per worker, 1 per principal; the notes server keeps mcp's caps. N=1: one
+    # worker holds every session. Nothing exempt: the test's client on loopback is held to the caps.
+    app = new_appliance(1, env={"PYTHONPATH": str(REPO)}, auth={"mode": "api_keys"}, limits={"exempt": []},
+                        servers={"calc": {"app": "tests.integration.calc_server:server", "max_sessions": 2,
+                                          "max_sessions_per_principal": 1}})
+    try:
+        app.settings["auth"]["keys_file"] = str(app.base / "keys.json")
+        write_config(app)
+        keys = [add_key(app, f"p{k}", "notes:write") for k in range(3)]
+        app.start()
+        app.wait_healthy(timeout=60, workers=1)
+        before = scrape(app)
+
+        def initialize(path: str, key: str) -> tuple[int, dict[str, str], Any]:
+            init = {"jsonrpc": "2.0", "id": 5, "method": "initialize",
+                    "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {},
+                               "clientInfo": {"name": "t", "version": "1"}}}
+            status, headers, body = http("POST", app.url + path, init, {**bearer(key), "Accept": "application/json, "
+                                         "text/event-stream", "Content-Type": "application/json"})
+            return status, headers, body
+
+        first = initialize(CALC_PATH, keys[0])
+        assert first[0] == 200 and first[1].get("mcp-session-id")
+        status, headers, body = initialize(CALC_PATH, keys[0])
+        assert status == 429 and headers.get("retry-after"), body
+        assert "servers.calc.max_sessions_per_principal" in json.loads(body)["error"]["message"]
+        # The same principal opens sessions with the notes server: calc's caps are calc's alone.
+        assert [initialize("/mcp", keys[0])[0] for _ in range(3)] == [200] * 3
+        assert initialize(CALC_PATH, keys[1])[0] == 200
+        status, headers, body = initialize(CALC_PATH, keys[2])
+        assert status == 503, body
+        assert "servers.calc.max_sessions = 2" in json.loads(body)["error"]["message"]
+        after = scrape(app)
+        for limit in ("server_principal_sessions", "server_sessions"):
+            assert (total(after, "mcp_appliance_rate_limited_total", limit=limit)
+                    == total(before, "mcp_appliance_rate_limited_total", limit=limit) + 1), limit
+        reasons = [r.get("reason") for r in audit_records(app) if r.get("server") == "calc" and r.get("reason")]
+        assert sorted(reasons) == ["server_principal_sessions_limit", "server_sessions_limit"]
+        # A session that ends (DELETE) gives its place back: the first principal opens another.
+        sid = first[1]["mcp-session-id"]
+        deleted = http("DELETE", app.url + CALC_PATH, None, {**bearer(keys[0]), "Mcp-Session-Id": sid,
+                                                             "MCP-Protocol-Version": LEGACY_VERSION})
+        assert deleted[0] in (200, 204), deleted
+        assert initialize(CALC_PATH, keys[0])[0] == 200
+    finally:
+        cleanup(app)
+
+
+def test_a_server_with_a_worker_count_runs_and_is_served_in_its_first_workers_only() -> None:
+    """N=2; calc and a stdio server with `workers = 1`: worker 0 alone hosts them (and runs the children)."""
+    from tests import third_party
+
+    app = new_appliance(2, env={"PYTHONPATH": str(REPO)}, servers={
+        "calc": {"app": "tests.integration.calc_server:server", "json_response": True, "workers": 1},
+        "everything": {"command": list(third_party.everything()), "workers": 1}})
+    with running(app):
+        _, doc = app.health()
+        servers = {s["name"]: s for s in doc["servers"]}
+        assert set(servers["default"]["workers"]) == {"0", "1"}
+        assert set(servers["calc"]["workers"]) == set(servers["everything"]["workers"]) == {"0"}, servers
+        marker = uuid.uuid4().hex
+        # Calls and reads (nginx sends reads through a location of their own): every one to worker 0.
+        for n in range(12):
+            for path, method, name, params in ((CALC_PATH, "tools/call", "add", {"name": "add", "arguments": {"a": n, "b": 1}}),
+                                               (CALC_PATH, "tools/list", None, {}),
+                                               ("/mcp", "tools/list", None, {})):
+                headers, body = modern_request(method, name, params)
+                status, _, raw = http("POST", app.url + path, body, {**headers, "X-Request-ID": f"{marker}-{path[1:4]}-{n}-{method[6:]}"})
+                assert status == 200 and "error" not in answer(raw), raw
+        records = [r for r in audit_records(app) if r["request_id"].startswith(marker)]
+        assert len(records) == 36
+        assert {r["worker"] for r in records if r["server"] == "calc"} == {0}
+        assert {r["worker"] for r in records if r["server"] == "default"} == {0, 1}, "the other servers keep both"
+
+        async def echo() -> str:
+            async with mcp_client(app.url + "/servers/everything/mcp", "legacy") as (everything, _):
+                echoed = await everything.call_tool("echo", {"message": "first workers"})
+                return echoed.content[0].text
+
+        assert anyio.run(echo) == "Echo: first workers"
+        pids = {p["worker"]: p["pid"] for p in doc["probes"]}
+        children = {k: [c for c in psutil.Process(pid).children(recursive=True)
+                        if any("server-everything" in part for part in c.cmdline())] for k, pid in pids.items()}
+        assert children[0] and not children[1], children
+        # Its one worker stopped: calc's calls get 503 (nothing ran; safe to retry), the others go on.
+        from tests.integration.test_core import supervisorctl
+
+        assert supervisorctl(app, "stop", "worker-00").returncode == 0
+        # A call and a read (which nginx would retry elsewhere): both the JSON-RPC 503, not nginx's HTML 502.
+        for method, name, params in (("tools/call", "add", {"name": "add", "arguments": {"a": 1, "b": 1}}),
+                                     ("tools/list", None, {})):
+            headers, body = modern_request(method, name, params)
+            status, out, raw = http("POST", app.url + CALC_PATH, body, headers)
+            assert status == 503 and out.get("retry-after") and "No MCP worker available" in raw.decode(), raw
+        headers, body = modern_request("tools/list", None, {})
+        assert http("POST", app.mcp_url, body, headers)[0] == 200

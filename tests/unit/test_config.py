@@ -456,7 +456,10 @@ def test_a_server_policy_falls_back_to_the_policy_section_key_by_key(tmp_path: P
      ({"calc": {"app": "appliance.servers.notes:server"}}, "'servers.calc.app'"),
      ({"calc": {"app": "no colon"}}, "'servers.calc.app'"),
      ({"calc": {**CALC, "rate": -1}}, "'servers.calc.rate' = -1 is invalid"),
-     ({"calc": {**CALC, "burst": "many"}}, "'servers.calc.burst'")],
+     ({"calc": {**CALC, "burst": "many"}}, "'servers.calc.burst'"),
+     ({"calc": {**CALC, "max_sessions": 0}}, "'servers.calc.max_sessions' = 0 is invalid"),
+     ({"calc": {**CALC, "max_sessions_per_principal": -2}}, "'servers.calc.max_sessions_per_principal' = -2"),
+     ({"calc": {**CALC, "max_sessions_per_principal": 1.5}}, "'servers.calc.max_sessions_per_principal'")],
 )
 def test_bad_server_tables_name_the_key(tmp_path: Path, servers: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):

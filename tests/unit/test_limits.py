@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from appliance.gate.buckets import SharedBuckets, buckets_path
-from appliance.gate.registry import SessionRegistry
+from appliance.gate.registry import ServerCaps, SessionRegistry
 
 
 def test_two_workers_opening_the_table_share_one_bucket_per_key(tmp_path: Path) -> None:
@@ -48,3 +48,31 @@ def test_a_full_worker_refuses_new_sessions_for_everyone() -> None:
     registry = SessionRegistry(idle_timeout=10, max_sessions=1, max_per_key=1)
     assert registry.reserve(b"a") is None
     assert registry.reserve(b"b") == "sessions"
+
+
+def test_a_servers_own_caps_count_its_sessions_alone_and_come_back_when_they_end() -> None:
+    registry = SessionRegistry(idle_timeout=10, max_sessions=100, max_per_key=100)
+    calc = ServerCaps("calc", max_sessions=2, max_per_key=1)
+    assert registry.reserve(b"alice", caps=calc) is None
+    registry.add(b"s1", ("", "alice"), b"alice", "calc")
+    registry.release(b"alice", "calc")
+    assert registry.reserve(b"alice", caps=calc) == "server_principal_sessions"
+    assert registry.reserve(b"alice", capped=False, caps=calc) is None  # an exempt client: no per-principal cap
+    registry.release(b"alice", "calc")
+    # Another server's sessions do not count against calc's caps, nor calc's against it.
+    for k in range(3):
+        assert registry.reserve(b"alice") is None
+        registry.add(b"n%d" % k, ("", "alice"), b"alice")
+        registry.release(b"alice")
+    assert registry.reserve(b"bob", caps=calc) is None
+    registry.add(b"s2", ("", "bob"), b"bob", "calc")
+    registry.release(b"bob", "calc")
+    assert registry.reserve(b"carol", caps=calc) == "server_sessions"
+    assert registry.open_with("calc") == 2 and len(registry) == 5
+    registry.forget(b"s1")
+    registry.get(b"s2").last_used -= 11  # type: ignore[union-attr]
+    registry.sweep()
+    assert registry.open_with("calc") == 0
+    assert registry.reserve(b"alice", caps=calc) is None
+    registry.release(b"alice", "calc")
+    assert registry.per_server_key == {("", b"alice"): 3} and registry.per_server == {"": 3}

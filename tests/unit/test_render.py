@@ -142,7 +142,8 @@ def test_every_worker_has_a_session_map_entry_and_an_upstream(tmp_path: Path, no
     settings = settings_for(tmp_path, 3, node=NodeSettings(ordinal=node))
     nginx = render(tmp_path, settings)["nginx.conf"]
     session_map = re.search(r"map \$http_mcp_session_id \$mcp_upstream \{(.*?)\}", nginx, re.S)
-    assert session_map is not None and "default mcp_pool;" in session_map[1]
+    # Everything else: the pool of the server whose location the request is in (set there).
+    assert session_map is not None and "default $mcp_server_pool;" in session_map[1]
     entries = re.findall(r'^\s*"(~[^"]+)" (\S+);', session_map[1], re.M)
     pool = re.search(r"upstream mcp_pool \{(.*?)\}", nginx, re.S)
     assert pool is not None and "least_conn;" in pool[1]
@@ -276,16 +277,20 @@ def test_every_server_path_gets_the_mcp_location_and_nginx_accepts_it(tmp_path: 
     from appliance.config import ServerSettings
 
     servers = (ServerSettings(name="calc", path="/servers/calc/mcp", app="mypkg.calc:server"),
-               ServerSettings(name="files", path="/files/mcp", command=("npx", "server-filesystem")))
+               ServerSettings(name="files", path="/files/mcp", command=("npx", "server-filesystem"), workers=1))
     settings = settings_for(tmp_path, 2, servers=servers)
     nginx = render(tmp_path, settings)["nginx.conf"]
-    for path in ("/mcp", "/servers/calc/mcp", "/files/mcp"):
+    for path, upstream in (("/mcp", "mcp_pool"), ("/servers/calc/mcp", "mcp_pool"), ("/files/mcp", "mcp_pool_files")):
         location = re.search(rf"location = {re.escape(path)} \{{(.*?)\n        \}}", nginx, re.S)
         assert location is not None, path
+        # Its pool: every worker's, or (a worker count) its own, whose slots are its own.
+        assert f"set $mcp_server_pool {upstream};" in location[1]
         # The same treatment as /mcp: owner routing, a dead owner's 404, reads sent to @mcp_read, limits.
         assert f"proxy_pass http://$mcp_upstream{path}$is_args$args;" in location[1]
         assert "error_page 502 504 = $mcp_unavailable;" in location[1]
         assert "return 418;" in location[1] and "error_page 429 = @appliance_rate_limited;" in location[1]
+    own = re.search(r"upstream mcp_pool_files \{(.*?)\n    \}", nginx, re.S)
+    assert own is not None and f"server unix:{settings.run_dir}/pool/files/slot-00.sock" in own[1]
     result = subprocess.run(
         [NGINX, "-t", "-c", str(settings.run_dir / "nginx.conf"), "-p", f"{settings.run_dir}/nginx/", "-e", "stderr"],
         capture_output=True, text=True, timeout=30,
