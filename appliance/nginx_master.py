@@ -48,6 +48,27 @@ def orphaned_workers(pid_file: Path) -> list[psutil.Process]:
     return found
 
 
+#: The title an nginx worker process takes once it has a QUIT (a reload's old workers): from then
+#: on it accepts no new connection (it closes its listeners right after) and only finishes its own.
+SHUTTING_DOWN = "worker process is shutting down"
+
+
+def accepting_workers(pid_file: Path) -> set[int]:
+    """The pids of the worker processes of the master named in `pid_file` that take new connections."""
+    try:
+        master = psutil.Process(int(pid_file.read_text().strip()))
+        children = master.children()
+    except (OSError, ValueError, psutil.Error):
+        return set()
+    found = set()
+    for child in children:
+        with contextlib.suppress(psutil.Error):  # exited meanwhile: not accepting
+            title = " ".join(child.cmdline())
+            if "worker process" in title and SHUTTING_DOWN not in title:
+                found.add(child.pid)
+    return found
+
+
 def clear_orphans(pid_file: Path, grace: float = ORPHAN_GRACE) -> int:
     """Stop the orphaned workers of a dead master gracefully, then forcibly; how many there were."""
     orphans = orphaned_workers(pid_file)

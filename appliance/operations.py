@@ -41,6 +41,7 @@ from supervisor.xmlrpc import Faults
 from appliance import pool
 from appliance.config import ConfigError, Settings, load_settings, redacted, validate
 from appliance.gate.probe import PROBE_PATH
+from appliance.nginx_master import accepting_workers
 from appliance.preflight import check_port_free
 from appliance.render import RenderContext, render_all, write_files
 from appliance.runtime import RuntimeState, read_state, state_path, with_workers, write_state
@@ -57,6 +58,8 @@ logger = logging.getLogger("appliance.operations")
 LOCK_FILE = "operations.lock"
 #: Seconds a (re)started worker may take until its probe answers.
 READY_TIMEOUT = 60.0
+#: Seconds a reload waits, after nginx's HUP, for its old worker processes to stop accepting.
+NGINX_SWITCH_WAIT = 10.0
 #: Settings a reload cannot apply to a running appliance; they need a restart.
 RESTART_ONLY = (
     "run_dir", "log_dir", "data_dir", "user", "log_target", "http.host", "http.port", "admin.host",
@@ -210,14 +213,33 @@ class Operator:
             pool.limit_servers(self.run_dir, live.own_pools)
             if nginx_changed:
                 write_files({"nginx.conf": files["nginx.conf"]}, self.run_dir)
+                old = accepting_workers(self.run_dir / "nginx.pid")
                 self.supervisor.signal("nginx", "HUP")
-                self._note("nginx.conf changed: nginx reloaded gracefully (HUP)")
+                self._wait_nginx_switched(old)
             self.result.restart_admin = "admin" in changed or redacted(new) != state.applied
             state = dataclasses.replace(state, config_workers=new.workers.count, applied=redacted(new))
             write_state(self.run_dir, state)
             self.settings = new
             self.result.workers = state.workers
         return self.result
+
+    def _wait_nginx_switched(self, old: set[int]) -> None:
+        """After a HUP: return once nginx's new worker processes take every new connection.
+
+        nginx starts new workers with the new configuration and QUITs the old ones, which
+        finish what they hold (an SSE stream may take long) but may still accept for a moment
+        after the HUP: a client calling right after `reload` returned could meet the old routing.
+        """
+        deadline = time.monotonic() + NGINX_SWITCH_WAIT
+        while time.monotonic() < deadline:
+            accepting = accepting_workers(self.run_dir / "nginx.pid")
+            if accepting and not accepting & old:
+                self._note("nginx.conf changed: nginx reloaded gracefully (HUP); its new workers take every "
+                           "new connection")
+                return
+            time.sleep(_POLL)
+        self._note(f"warning: nginx.conf changed and nginx got HUP, but {NGINX_SWITCH_WAIT:g} s later its old "
+                   "worker processes still accept connections; see nginx's log")
 
     def restart_admin(self) -> None:
         """Let supervisord restart the admin app (TERM; autorestart brings it back)."""
