@@ -12,7 +12,11 @@ what is measured is the bridging). On one machine, in one run, the sides take tu
    its default stateless mode, which starts a child for every request;
 3. the appliance, N=2 workers, `[servers.everything] command = [...]` with isolation "shared"
    (one child per worker) and "session" (one child per legacy session): the same legacy
-   sessions, and 2026-07-28 calls with isolation "shared".
+   sessions, and 2026-07-28 calls with isolation "shared";
+4. the library comparison issue 13 asks for, one process each, the same traffic: fastmcp's
+   proxy (`create_proxy` of a stdio transport, served by fastmcp over HTTP: bench/fastmcp_proxy.py,
+   in a venv of its own) and the appliance's bridge alone (`stdio_app` in one hypercorn process,
+   no gate, no nginx: bench/bridge_alone.py).
 
 Figures per side: calls/s, p50/p99 (wrk), errors, RSS and PSS of the bridge's processes and
 of the server's children, CPU microseconds per call of the bridge (every process of the
@@ -24,7 +28,7 @@ namespace of its own with only loopback up (unshare; needs root) and wrk enters 
 Everything else listens on 127.0.0.1. Load is bounded: --duration seconds per run, C connections.
 
 Usage: python -m bench.stdio [--connections 8] [--duration 10] [--rounds 3] [--stateless-duration 0]
-                             [--sides bare,supergateway,appliance] [--out bench/STDIO.md]
+                             [--sides bare,supergateway,fastmcp,bridge,appliance] [--out bench/STDIO.md]
 Needs wrk, node and the npm packages (scripts/test.sh installs them into /opt/mcp-appliance-test/npm).
 """
 
@@ -51,7 +55,7 @@ from typing import Any
 import psutil
 
 from bench import wrk
-from tests.harness import Appliance, cleanup, new_appliance, to_toml, wait_until
+from tests.harness import Appliance, cleanup, free_port_block, new_appliance, to_toml, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 NPM_PREFIX = Path("/opt/mcp-appliance-test/npm")
@@ -260,6 +264,47 @@ def supergateway(server_bin: Path, gateway_bin: Path, stateful: bool) -> Iterato
         stop_tree(proc)
 
 
+# -- 2b. one process each: fastmcp's proxy, and the appliance's bridge alone ----------------------
+
+
+#: The venv scripts/test.sh makes for fastmcp (its own: it is no dependency of the appliance).
+FASTMCP_PYTHON = Path("/opt/mcp-appliance-test/fastmcp-venv/bin/python")
+
+
+@contextlib.contextmanager
+def one_process(name: str, argv: list[str], port: int) -> Iterator[Side]:
+    """A bridge that is one process of its own on 127.0.0.1:`port`, until it answers initialize."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        wait_until(lambda: proc.poll() is not None or _answers_initialize(url, ()), 60,
+                   f"{name} answers initialize", interval=0.1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
+        yield Side(name, url, psutil.Process(proc.pid), cold_start_s=time.monotonic() - started)
+    finally:
+        stop_tree(proc)
+
+
+def fastmcp_proxy(server_bin: Path, python: Path = FASTMCP_PYTHON) -> contextlib.AbstractContextManager[Side]:
+    port = free_port_block(1)
+    return one_process("fastmcp proxy", [str(python), str(ROOT / "bench/fastmcp_proxy.py"), str(port),
+                                         str(server_bin)], port)
+
+
+def bridge_alone(server_bin: Path) -> contextlib.AbstractContextManager[Side]:
+    port = free_port_block(1)
+    return one_process("bridge alone", [sys.executable, "-m", "bench.bridge_alone", str(port), str(server_bin)], port)
+
+
+def fastmcp_version(python: Path = FASTMCP_PYTHON) -> str:
+    result = subprocess.run([str(python), "-c", "import fastmcp; print(fastmcp.__version__)"],
+                            capture_output=True, text=True, timeout=60)
+    return result.stdout.strip() or "?"
+
+
 # -- 3. the appliance ------------------------------------------------------------------------------
 
 
@@ -355,6 +400,14 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, str]]:
             plan.append(("supergateway (stateless: a child per request)", "legacy stateless calls",
                          lambda: supergateway(server_bin, gateway_bin, stateful=False),
                          args.stateless_duration, args.connections))
+    one_each = [("fastmcp", "fastmcp proxy (one process)", lambda: fastmcp_proxy(server_bin)),
+                ("bridge", "appliance bridge alone (one process, no gate, no nginx)", lambda: bridge_alone(server_bin))]
+    if "fastmcp" in sides and not FASTMCP_PYTHON.exists():
+        skipped["fastmcp proxy"] = f"{FASTMCP_PYTHON} not found (scripts/test.sh makes that venv)"
+    for key, name, start in one_each:
+        if key in sides and name.split(" (")[0] not in skipped:
+            for traffic in ("legacy sessions", "2026-07-28 calls"):
+                plan.append((name, traffic, start, args.duration, args.connections))
     if "appliance" not in skipped:
         for isolation in ("shared", "session"):
             plan.append((f"appliance N=2, isolation {isolation}", "legacy sessions",
@@ -396,13 +449,15 @@ def report(rows: list[Row], skipped: dict[str, str], args: argparse.Namespace) -
         f"--rounds {args.rounds}{f' --stateless-duration {args.stateless_duration}' if args.stateless_duration else ''}` "
         f"({time.strftime('%Y-%m-%d')}), on {os.cpu_count()} CPUs ({platform.machine()}, Python {platform.python_version()}, "
         f"node {node}). Server: @modelcontextprotocol/server-everything {_version(Path(args.server_bin))}, tool `{TOOL}`; "
-        f"supergateway {_version(Path(args.supergateway))}; load: wrk, {args.connections} connections, "
+        f"supergateway {_version(Path(args.supergateway))}"
+        f"{f'; fastmcp {fastmcp_version()}' if FASTMCP_PYTHON.exists() else ''}; load: wrk, {args.connections} connections, "
         f"{args.duration} s per run; each side started afresh per round, figures are medians over the rounds, "
         "errors the sum. wrk shares the CPUs with the servers.",
         "",
         "Bridge CPU per call: user + system time of every process of the side except the stdio server's own, "
-        "per call (supergateway: its node process; appliance: supervisord, nginx, workers, admin). Server CPU "
-        "per call: the stdio server's processes. Memory right after a run, sessions still open.",
+        "per call (supergateway: its node process; appliance: supervisord, nginx, workers, admin; fastmcp and "
+        "the bridge alone: their one process). Server CPU per call: the stdio server's processes. Memory right "
+        "after a run, sessions still open. Errors: calls not answered with the echo (wrk's check of the body).",
         "",
         "| side | traffic | calls/s | p50 ms | p99 ms | errors | bridge CPU µs/call | server CPU µs/call "
         "| bridge RSS MiB (PSS) | server processes | server RSS MiB (PSS) |",
@@ -423,7 +478,7 @@ def report(rows: list[Row], skipped: dict[str, str], args: argparse.Namespace) -
     gateway = by_side.get(("supergateway --stateful", "legacy sessions"))
     if gateway:
         ratios = [f"{side}, {traffic}: **{rps / gateway:.2f}x**" for (side, traffic), rps in by_side.items()
-                  if side.startswith("appliance")]
+                  if not side.startswith(("bare", "supergateway"))]
         if ratios:
             lines += ["", "Against supergateway --stateful (legacy sessions): " + "; ".join(ratios) + "."]
     for side, why in skipped.items():
@@ -438,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stateless-duration", type=int, default=0,
                         help="seconds of supergateway's stateless mode per round (0: not measured)")
-    parser.add_argument("--sides", default="bare,supergateway,appliance")
+    parser.add_argument("--sides", default="bare,supergateway,fastmcp,bridge,appliance")
     parser.add_argument("--server-bin", default=str(SERVER_BIN), help="the stdio server's executable")
     parser.add_argument("--supergateway", default=str(SUPERGATEWAY_BIN))
     parser.add_argument("--out", default="", help="also write the Markdown report here")

@@ -39,6 +39,9 @@ npm install --prefix "$TEST_VENV/npm" --no-audit --no-fund --loglevel=error \
 # mcp-server-time pins its own mcp: a venv of its own.
 [ -x "$TEST_VENV/time-venv/bin/python" ] || /usr/bin/python3 -m venv "$TEST_VENV/time-venv"
 "$TEST_VENV/time-venv/bin/pip" install -q mcp-server-time
+# fastmcp's proxy, which bench/stdio.py measures next to the bridge: a venv of its own (not ours to depend on).
+[ -x "$TEST_VENV/fastmcp-venv/bin/python" ] || /usr/bin/python3 -m venv "$TEST_VENV/fastmcp-venv"
+"$TEST_VENV/fastmcp-venv/bin/pip" install -q "fastmcp>=4.2,<5"
 
 echo "== tool venv ($MCP_TOOLS_VENV: ansible, linters, schema validators)"
 [ -x "$MCP_TOOLS_VENV/bin/python" ] || /usr/bin/python3 -m venv "$MCP_TOOLS_VENV"

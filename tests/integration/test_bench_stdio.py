@@ -54,3 +54,18 @@ def test_supergateway_sessions_are_counted_with_one_server_child_per_session(ser
     assert gateway and not any(stdio.is_server(p, server_bin) for p in gateway)
     assert cost.server_processes >= connections + 1 and cost.bridge_cpu_s > 0 and cost.bridge_rss_mib > 0
     assert not psutil.pid_exists(side.root.pid) or side.root.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("side", ["fastmcp", "bridge"])
+def test_one_process_bridges_are_counted_with_their_one_server_child(server_bin: Path, side: str) -> None:
+    if side == "fastmcp" and not stdio.FASTMCP_PYTHON.exists():
+        missing(f"{stdio.FASTMCP_PYTHON} not found (scripts/test.sh makes fastmcp's venv)")
+    start = stdio.fastmcp_proxy if side == "fastmcp" else stdio.bridge_alone
+    with start(server_bin) as running:
+        figures, cost = stdio.measure(running.root, server_bin, lambda: wrk.run(
+            running.url, "sessions", 3, 2, stdio.TOOL, stdio.ARGUMENTS, success=stdio.SUCCESS))
+    assert figures.requests > 0 and figures.errors == 0, figures.detail
+    # One child serves every session; the bridge's own process is not booked as the server.
+    assert cost.server_processes == 1 and cost.server_cpu_s > 0
+    assert cost.bridge_cpu_s > 0 and cost.bridge_rss_mib > 0
+    assert not psutil.pid_exists(running.root.pid) or running.root.status() == psutil.STATUS_ZOMBIE
