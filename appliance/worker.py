@@ -82,11 +82,14 @@ def hosted_app(settings: Settings, index: int = 0, server: ServerSettings | None
         # Only a command server needs the bridge (and its SDK client parts) in the worker's memory.
         from appliance.bridge import stdio_app
 
-        return stdio_app(stdio_spec(server, settings))  # type: ignore[no-any-return]
+        bridge = stdio_app(stdio_spec(server, settings))
+        drop_unexported_spans(bridge.server.middleware, settings)
+        return bridge  # type: ignore[no-any-return]
     key = server_key(server, "app")
     target = import_target(server.app, key)
     mcp = settings.mcp
     if isinstance(target, MCPServer):
+        drop_unexported_spans(target.middleware, settings)
         share_state(target, settings, key)
         bus = share_events(target, event_fanout(settings, index, server.name))
         app = target.streamable_http_app(
@@ -107,6 +110,22 @@ def hosted_app(settings: Settings, index: int = 0, server: ServerSettings | None
     if callable(target):
         return target  # type: ignore[no-any-return]
     raise HostedAppError(f"{key} = {server.app!r} is a {type(target).__name__}: expected an MCPServer or an ASGI app")
+
+
+def drop_unexported_spans(middleware: list[Any], settings: Settings) -> None:
+    """With tracing off, take the SDK's span per request (its OpenTelemetryMiddleware) out of a server's chain.
+
+    Without a tracer provider the span goes nowhere, yet opening it (reading `_meta` for a
+    parent, attributes, a context switch) cost ~40 µs of CPU per call of a cheap tool
+    (bench/RESULTS.md). The SDK documents dropping it as the opt-out. A hosted app that
+    installed a tracer provider of its own keeps it: those spans are exported.
+    """
+    from mcp.server._otel import OpenTelemetryMiddleware
+    from opentelemetry import trace
+
+    if settings.tracing.enabled or not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return
+    middleware[:] = [m for m in middleware if not isinstance(m, OpenTelemetryMiddleware)]
 
 
 def stdio_spec(server: ServerSettings, settings: Settings) -> Any:

@@ -140,3 +140,24 @@ def test_the_readmes_tracing_example_is_a_valid_config(tmp_path: Path) -> None:
     path.write_text(block)
     settings = load_settings(path, {})
     assert settings.tracing.enabled and settings.tracing.sample_ratio == 0.1
+
+
+def test_with_tracing_off_the_sdks_span_per_request_is_dropped_unless_the_app_exports_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mcp.server._otel import OpenTelemetryMiddleware
+    from mcp.server.mcpserver import MCPServer
+
+    from appliance.worker import drop_unexported_spans
+
+    def spans_kept(settings: Settings) -> bool:
+        chain = MCPServer("t").middleware
+        others = [m for m in chain if not isinstance(m, OpenTelemetryMiddleware)]
+        drop_unexported_spans(chain, settings)
+        assert [m for m in chain if not isinstance(m, OpenTelemetryMiddleware)] == others  # the rest untouched
+        return any(isinstance(m, OpenTelemetryMiddleware) for m in chain)
+
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)  # nothing installed: spans go nowhere
+    assert not spans_kept(Settings())
+    assert spans_kept(dataclasses.replace(Settings(), tracing=TracingSettings(enabled=True)))
+    monkeypatch.setattr(trace, "get_tracer_provider", TracerProvider)  # the hosted app exports spans of its own
+    assert spans_kept(Settings())
