@@ -349,7 +349,8 @@ class ServerSettings:
     """One hosted server: a table [servers.<name>] (the [mcp] section is the server "default" at mcp.path).
 
     Every server is hosted by every worker (servers share workers.count; one pool, one process per
-    core); nginx routes each server's path to the pool like mcp.path. Not set from the environment.
+    core), or by its first `workers` only (a pool of its own); nginx routes each server's path to
+    its pool like mcp.path. Not set from the environment.
     """
 
     #: The table's name ([a-z0-9][a-z0-9_-]*): the `server` label of metrics and field of audit records.

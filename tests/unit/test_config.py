@@ -15,6 +15,7 @@ from appliance.config import (
     DEFAULT_CONFIG_PATH,
     ENV_ALIASES,
     ConfigError,
+    ServerSettings,
     Settings,
     config_path,
     env_name,
@@ -494,3 +495,6 @@ def test_the_examples_commented_server_table_is_valid_once_uncommented(tmp_path:
     path.write_text(text)
     (calc,) = load_settings(path, {}).servers
     assert (calc.app, calc.path, calc.policy_rules) == ("mypkg.calc:server", "/servers/calc/mcp", ("tool:add = calc:use",))
+    # Every key a server table takes is shown (a stdio server's commented twice, as the alternative to app).
+    shown = {line.lstrip("# ").split(" = ", 1)[0] for line in block.splitlines() if " = " in line}
+    assert shown == {f.name for f in dataclasses.fields(ServerSettings)} - {"name"}
