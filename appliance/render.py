@@ -75,6 +75,11 @@ def nginx_workers(settings: Settings) -> int:
     return settings.http.nginx_workers or nginx_processes(cpu_limit())
 
 
+def pool_upstream(server: str = "") -> str:
+    """nginx's upstream for the shared pool, or for the pool of `server` (one with a worker count)."""
+    return f"mcp_pool_{server}" if server else "mcp_pool"
+
+
 def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]:
     """The data the templates use, prepared here so the templates stay plain."""
     count = settings.workers.count
@@ -122,21 +127,20 @@ def template_values(settings: Settings, ctx: RenderContext) -> dict[str, object]
         "session_upstreams": session_upstreams,
         # Tags as in appliance.gate.sessions.owner_prefix; indices 0-63 (pool.MAX_WORKERS).
         "session_pattern": rf"~^n{settings.node.ordinal}w(?<mcp_worker>[0-9]|[1-5][0-9]|6[0-3])-",
-        "pool_slots": [pool.slot_path(settings.run_dir, j) for j in range(pool.SLOTS)],
+        # The shared pool first, then the pool of each server with a worker count (appliance/pool.py).
+        "pools": [{"upstream": pool_upstream(name), "slots": [pool.slot_path(settings.run_dir, j, name)
+                                                             for j in range(pool.SLOTS)]}
+                  for name in ("", *settings.own_pools)],
         "upstream_idle_timeout": pool.UPSTREAM_IDLE_TIMEOUT,
         "pool_connection_requests": pool.POOL_CONNECTION_REQUESTS,
         # A refused slot is retried on the next one; every slot may be tried once.
         "retry_tries": pool.SLOTS,
         "admin_address": f"{settings.admin.host}:{settings.admin.port}",
         "mcp_path": settings.mcp.path,
-        # One exact location per hosted server, the [mcp] one first; a server with a worker count
-        # has a pool of its own (appliance/pool.py).
+        # One exact location per hosted server, the [mcp] one first, each with its pool.
         "servers": [{"name": server.name, "path": server.path,
-                     "pool": f"mcp_pool_{server.name}" if server.workers is not None else "mcp_pool"}
+                     "pool": pool_upstream(server.name if server.workers is not None else "")}
                     for server in settings.hosted_servers],
-        "own_pools": [{"upstream": f"mcp_pool_{name}",
-                       "slots": [pool.slot_path(settings.run_dir, j, name) for j in range(pool.SLOTS)]}
-                      for name in settings.own_pools],
         "command": ctx.command,
         "nginx": ctx.nginx,
         "graceful_timeout": settings.workers.graceful_timeout,

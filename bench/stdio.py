@@ -58,7 +58,9 @@ from bench import wrk
 from tests.harness import Appliance, cleanup, free_port_block, new_appliance, to_toml, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-NPM_PREFIX = Path("/opt/mcp-appliance-test/npm")
+#: Where scripts/test.sh installs what the benchmark runs ($MCP_TEST_VENV's default).
+TEST_VENV = Path("/opt/mcp-appliance-test")
+NPM_PREFIX = TEST_VENV / "npm"
 SERVER_BIN = NPM_PREFIX / "node_modules/.bin/mcp-server-everything"
 SUPERGATEWAY_BIN = NPM_PREFIX / "node_modules/.bin/supergateway"
 SERVER_NAME = "everything"
@@ -268,7 +270,7 @@ def supergateway(server_bin: Path, gateway_bin: Path, stateful: bool) -> Iterato
 
 
 #: The venv scripts/test.sh makes for fastmcp (its own: it is no dependency of the appliance).
-FASTMCP_PYTHON = Path("/opt/mcp-appliance-test/fastmcp-venv/bin/python")
+FASTMCP_PYTHON = TEST_VENV / "fastmcp-venv/bin/python"
 
 
 @contextlib.contextmanager

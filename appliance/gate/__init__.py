@@ -76,8 +76,8 @@ def _server_gate(app: ASGIApp, server: ServerSettings, settings: Settings, index
         # The body is read and parsed once, here, for the session caps, the policy, the audit record and the metrics.
         body := lambda a: JsonRpcBody(a, server.path),
         lambda a: SessionBinding(a, stats.sessions, by_address, s.metrics.refused, settings.limits.retry_after,
-                                 ServerCaps(server.name, server.max_sessions, server.max_sessions_per_principal),
-                                 server_table(server)),
+                                 ServerCaps(server.name, server.max_sessions, server.max_sessions_per_principal,
+                                            server_table(server))),
         lambda a: PolicyCheck(a, s.policy_for(server.name)),
         lambda a: SessionOwnership(a, settings.node.ordinal, index),
     ]

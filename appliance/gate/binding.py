@@ -31,13 +31,11 @@ class SessionBinding:
     """Records which principal opened each session; refuses the session to anyone else."""
 
     def __init__(self, app: ASGIApp, registry: SessionRegistry, by_address: bool,
-                 refused: Callable[[str], None], retry_after: int = 1, caps: ServerCaps = NO_CAPS,
-                 where: str = "mcp") -> None:
+                 refused: Callable[[str], None], retry_after: int = 1, caps: ServerCaps = NO_CAPS) -> None:
         self.app = app
         self.registry = registry
-        #: The hosted server's own caps, and its settings' table (named in a refusal).
+        #: The hosted server's own caps.
         self.caps = caps
-        self.where = where
         self.by_address = by_address
         self.refused = refused
         self.retry_after = [(b"retry-after", str(retry_after).encode())]
@@ -113,13 +111,13 @@ class SessionBinding:
         if refusal in ("sessions", "server_sessions"):
             # Full for everyone: a server condition, worth retrying elsewhere.
             cap = (f"mcp.max_sessions = {self.registry.max_sessions}" if refusal == "sessions"
-                   else f"{self.where}.max_sessions = {self.caps.max_sessions}")
+                   else f"{self.caps.table}.max_sessions = {self.caps.max_sessions}")
             whose = "" if refusal == "sessions" else f" with server {self.caps.server!r}"
             await send_rpc_error(send, 503, LIMITED, f"Too many open sessions{whose} on this worker ({cap}); retry later",
                                  request_id, headers=self.retry_after)
             return
         at_most = (f"at most {self.registry.max_per_key} per worker" if refusal == "principal_sessions"
                    else f"at most {self.caps.max_per_key} with server {self.caps.server!r} per worker, "
-                   f"{self.where}.max_sessions_per_principal")
+                   f"{self.caps.table}.max_sessions_per_principal")
         await send_rpc_error(send, 429, LIMITED, f"Too many open sessions for this caller ({at_most}): close one "
                              "(DELETE) or let an idle one expire", request_id, headers=self.retry_after)

@@ -28,6 +28,8 @@ class ServerCaps:
     server: str
     max_sessions: int | None = None
     max_per_key: int | None = None
+    #: Where its caps are set ("servers.<name>"), for the refusals' messages.
+    table: str = "mcp"
 
 
 #: A server without caps of its own.
