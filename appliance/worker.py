@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 
 from appliance import toolchain
 from appliance.answers import AutoAnswers, answer_per_request
+from appliance.endpoint import DirectEndpoint
 from appliance.config import DEFAULT_SERVER, ServerSettings, Settings, server_key
 from appliance.gate import WorkerStats, build_gate
 from appliance.gate.stats import ServerHealth
@@ -103,6 +104,7 @@ def hosted_app(settings: Settings, index: int = 0, server: ServerSettings | None
             # app; the SDK's own check would see nginx's view and answer 421.
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
+        app = DirectEndpoint(app, target.session_manager, server.path)
         if server.json_response == "auto":
             answer_per_request(target.session_manager)
             app = AutoAnswers(app)
