@@ -81,13 +81,16 @@ class SessionBinding:
     async def _without_session(self, scope: Scope, receive: Receive, send: Send, identity: tuple[str, str]) -> None:
         ex = exchange(scope)
         assert ex is not None
+        if ex.rpc is None or ex.rpc.method != "initialize":
+            # Only an initialize opens a session (MCP's Streamable HTTP transport); an id an app
+            # issued on any other answer stays unknown here, so its use gets 404.
+            await self.app(scope, receive, send)
+            return
         key = limit_key(ex, self.by_address)
-        opens = ex.rpc is not None and ex.rpc.method == "initialize"
-        if opens:
-            refusal = self.registry.reserve(key, capped=not is_exempt(scope), caps=self.caps)
-            if refusal is not None:
-                await self._refuse(scope, send, refusal)
-                return
+        refusal = self.registry.reserve(key, capped=not is_exempt(scope), caps=self.caps)
+        if refusal is not None:
+            await self._refuse(scope, send, refusal)
+            return
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] < 400:
@@ -99,8 +102,7 @@ class SessionBinding:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            if opens:
-                self.registry.release(key, self.caps.server)
+            self.registry.release(key, self.caps.server)
 
     async def _refuse(self, scope: Scope, send: Send, refusal: str) -> None:
         ex = exchange(scope)

@@ -71,6 +71,10 @@ class RateLimit:
         await self.app(scope, receive, send)
 
 
+#: HTTP versions whose body, without Transfer-Encoding, is exactly its Content-Length (RFC 9112 §6.3).
+_FRAMED_BY_LENGTH = frozenset({"1.0", "1.1"})
+
+
 class BodyTooLarge(Exception):
     """Raised into the hosted app when a streamed body passes the limit."""
 
@@ -96,6 +100,11 @@ class BodyLimit:
             if too_big:
                 flag(scope, "oversize")
                 await send_jsonrpc_error(send, 413, f"Request body larger than {self.max_bytes} bytes")
+                return
+            if scope.get("http_version") in _FRAMED_BY_LENGTH and header(scope["headers"], b"transfer-encoding") is None:
+                # HTTP/1 without Transfer-Encoding (which would win over the length): hypercorn's h11
+                # hands the app exactly the declared bytes, never more, so there is nothing to watch.
+                await self.app(scope, receive, send)
                 return
         received = 0
         started = False

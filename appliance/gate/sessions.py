@@ -11,10 +11,17 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.gate.exchange import exchange
 from appliance.gate.responses import header, send_jsonrpc_error
 
 SESSION_HEADER = b"mcp-session-id"
 _TAG = re.compile(r"^n(\d+)w(\d+)-")
+
+
+def _opens(scope: Scope) -> bool:
+    """Whether the request is an initialize, the one that may open a session."""
+    ex = exchange(scope)
+    return ex is None or ex.rpc is None or ex.rpc.method == "initialize"
 
 
 def owner_prefix(node: int, worker: int) -> str:
@@ -49,6 +56,11 @@ class SessionOwnership:
             scope["headers"] = [
                 (k, v[len(self.prefix) :] if k == SESSION_HEADER else v) for k, v in scope["headers"]
             ]
+        elif not _opens(scope):
+            # No session in, none to come out: only an initialize opens one (an untagged id an app
+            # issued anyway would reach no worker, whose tag check answers 404).
+            await self.app(scope, receive, send)
+            return
 
         async def tagging_send(message: Message) -> None:
             if message["type"] == "http.response.start":
