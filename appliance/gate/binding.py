@@ -81,9 +81,8 @@ class SessionBinding:
     async def _without_session(self, scope: Scope, receive: Receive, send: Send, identity: tuple[str, str]) -> None:
         ex = exchange(scope)
         assert ex is not None
-        if ex.rpc is None or ex.rpc.method != "initialize":
-            # Only an initialize opens a session (MCP's Streamable HTTP transport); an id an app
-            # issued on any other answer stays unknown here, so its use gets 404.
+        if not ex.opens_session:
+            # An id the app issued anyway stays unknown here, so its use gets 404.
             await self.app(scope, receive, send)
             return
         key = limit_key(ex, self.by_address)

@@ -49,6 +49,12 @@ class Exchange:
     done: bool = False
 
     @property
+    def opens_session(self) -> bool:
+        """Whether the request may open a legacy session: only an initialize does (MCP's Streamable
+        HTTP transport). A session id an app issues on any other answer stays unknown to the gate."""
+        return self.rpc is not None and self.rpc.method == "initialize"
+
+    @property
     def outcome(self) -> str:
         """ok, tool_error, denied or protocol_error."""
         if self.denied:

@@ -18,12 +18,6 @@ SESSION_HEADER = b"mcp-session-id"
 _TAG = re.compile(r"^n(\d+)w(\d+)-")
 
 
-def _opens(scope: Scope) -> bool:
-    """Whether the request is an initialize, the one that may open a session."""
-    ex = exchange(scope)
-    return ex is None or ex.rpc is None or ex.rpc.method == "initialize"
-
-
 def owner_prefix(node: int, worker: int) -> str:
     """The tag that marks a session as owned by `worker` of `node`."""
     return f"n{node}w{worker}-"
@@ -56,9 +50,9 @@ class SessionOwnership:
             scope["headers"] = [
                 (k, v[len(self.prefix) :] if k == SESSION_HEADER else v) for k, v in scope["headers"]
             ]
-        elif not _opens(scope):
-            # No session in, none to come out: only an initialize opens one (an untagged id an app
-            # issued anyway would reach no worker, whose tag check answers 404).
+        elif (ex := exchange(scope)) is not None and not ex.opens_session:
+            # No session in, none to come out (an untagged id an app issued anyway would reach
+            # no worker, whose tag check answers 404).
             await self.app(scope, receive, send)
             return
 
